@@ -413,7 +413,7 @@ def load_model(source, args, device):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     if config.model_type == "gpt_neo":
         kwargs["attn_implementation"] = "eager"  # the only one transformers has here; sdpa is swapped in below
         if "fast_gelu" in tech:  # gelu_new == tanh-approximated GELU; gelu_pytorch_tanh is PyTorch's fused kernel
