@@ -53,6 +53,7 @@ TECHNIQUES = {
     "lora": "train LoRA adapters on every attention and MLP projection, base frozen (peft)",
     "paged_adamw_8bit": "bitsandbytes paged 8-bit AdamW (optimizer states in 8 bits, paged to CPU under pressure)",
     "auto_micro_batch": "with a budget, the largest micro-batch that fits; accumulation keeps tokens/step",
+    "kbit_prep": "peft's prepare_model_for_kbit_training: norms and embeddings upcast to fp32 (the QLoRA reference)",
 }
 
 # Projections LoRA adapts, per architecture: every attention and MLP linear layer.
@@ -112,11 +113,14 @@ def parse_args(recipe: Recipe, argv=None) -> argparse.Namespace:
                    help="with grad_checkpointing: how many transformer layers to checkpoint (default: all)")
     p.add_argument("--off", action="append", default=[], metavar="TECHNIQUE", choices=sorted(recipe.techniques) or ["-"],
                    help="switch one of this recipe's techniques off (repeatable): " + ", ".join(recipe.techniques))
+    p.add_argument("--on", action="append", default=[], metavar="TECHNIQUE",
+                   choices=sorted(set(TECHNIQUES) - set(recipe.techniques)),
+                   help="switch on a technique this recipe does not use (for experiments)")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "off"], default="auto",
                    help="auto: online with credentials, else offline; WANDB_PROJECT names the project")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenizer, tokenized corpus and random-init checkpoints")
     args = p.parse_args(argv)
-    args.techniques = tuple(t for t in recipe.techniques if t not in args.off)
+    args.techniques = tuple(t for t in recipe.techniques if t not in args.off) + tuple(dict.fromkeys(args.on))
     return args
 
 
@@ -425,6 +429,10 @@ def load_model(source, args, device):
         model.to(device)
     if config.model_type == "gpt_neo" and "sdpa" in tech:
         use_gpt_neo_sdpa(model)
+    if "kbit_prep" in tech:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if "lora" in tech:
         from peft import LoraConfig, get_peft_model
 
@@ -522,9 +530,12 @@ def make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
-            hidden = self.body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+            # accelerate applies mixed precision by wrapping model.forward; the body is called directly, so here
+            with self.accelerator.autocast():
+                hidden = self.body(input_ids=inputs["input_ids"],
+                                   attention_mask=inputs.get("attention_mask")).last_hidden_state
+                loss = lm_loss_sum(hidden, self.lm_head.weight, labels, self.fused_ce)
             counted = (labels[:, 1:] != -100).sum()
-            loss = lm_loss_sum(hidden, self.lm_head.weight, labels, self.fused_ce)
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else counted)
             if model.training:
                 self._pending_tokens += counted
@@ -610,17 +621,26 @@ def start_wandb(args, config: dict):
 # ----------------------------------------------------------------------------- budget and out-of-memory
 
 
-def apply_memory_budget(gib: float | None) -> float | None:
-    """Cap this process's CUDA caching allocator at `gib` GiB. Without CUDA the flag has nothing to cap."""
+def check_memory_budget(gib: float | None) -> None:
+    """Refuse a budget that cannot be applied. Without CUDA there is nothing to cap: an error, not a silent no-op."""
     if gib is None:
-        return None
+        return
     if not torch.cuda.is_available():
         raise InputError("--gpu-memory-gib needs a CUDA GPU (none is visible); drop the flag on the CPU")
     total = torch.cuda.get_device_properties(0).total_memory
     if gib * GIB > total:
         raise InputError(f"--gpu-memory-gib {gib:g} is more than this GPU has ({total / GIB:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(gib * GIB / total)
-    return gib
+
+
+def apply_memory_budget(gib: float | None) -> None:
+    """Cap this process's CUDA caching allocator at `gib` GiB (None: the whole GPU) and reset the peak counter."""
+    if not torch.cuda.is_available():
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else gib * GIB / total)
+    torch.cuda.reset_peak_memory_stats()
 
 
 def state_memory_estimate_gib(model, techniques) -> dict:
@@ -686,7 +706,7 @@ def run(recipe: Recipe, argv=None) -> dict:
     try:
         validate_args(args)
         texts = load_corpus(args.corpus)
-        apply_memory_budget(args.gpu_memory_gib)
+        check_memory_budget(args.gpu_memory_gib)
         source, tokenizer, init, init_note = resolve_model(args, texts)
         from transformers import AutoConfig
 
@@ -731,8 +751,7 @@ def run(recipe: Recipe, argv=None) -> dict:
                "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len}
     wandb_run = model = trainer = None
     try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        apply_memory_budget(args.gpu_memory_gib)
         model = load_model(source, args, device)
         fused_ce = "fused_ce" in tech and cuda
         if "auto_micro_batch" in tech and args.gpu_memory_gib is not None and cuda:
@@ -745,7 +764,7 @@ def run(recipe: Recipe, argv=None) -> dict:
         run_config = {
             "script": recipe.script, "model": args.model, "init": init, "init_note": init_note,
             "corpus": str(args.corpus), "corpus_records": len(texts), "train_tokens_per_epoch": n_train,
-            "techniques": {t: (t in tech) for t in recipe.techniques}, "micro_batch": args.micro_batch,
+            "techniques": {t: (t in tech) for t in dict.fromkeys(recipe.techniques + args.techniques)}, "micro_batch": args.micro_batch,
             "seq_len": args.seq_len, "gradient_accumulation": accumulation,
             "tokens_per_step": tokens_per_micro * accumulation, "epochs": args.epochs, "max_steps": args.max_steps,
             "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
@@ -759,10 +778,8 @@ def run(recipe: Recipe, argv=None) -> dict:
         steps_per_epoch = math.ceil(len(train_ds) / (args.micro_batch * accumulation))
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
         eval_every = args.eval_every or max(1, total_steps // 4)
-        if "nf4" in tech or "lora" in tech:
-            optim = "paged_adamw_8bit" if "paged_adamw_8bit" in tech else "adamw_torch"
-        else:
-            optim = "adamw_torch_fused" if "fused_adamw" in tech else recipe.optimizer
+        optim = ("paged_adamw_8bit" if "paged_adamw_8bit" in tech
+                 else "adamw_torch_fused" if "fused_adamw" in tech else recipe.optimizer)
         training_args = TrainingArguments(
             output_dir=str(out), per_device_train_batch_size=args.micro_batch, per_device_eval_batch_size=args.micro_batch,
             gradient_accumulation_steps=accumulation, num_train_epochs=args.epochs, max_steps=args.max_steps,
@@ -773,6 +790,7 @@ def run(recipe: Recipe, argv=None) -> dict:
             save_strategy="no", report_to=["wandb"] if wandb_run is not None else "none",
             prediction_loss_only=True, use_cpu=not cuda, dataloader_pin_memory=cuda,
             disable_tqdm=False, remove_unused_columns=False,
+            dataloader_drop_last="compile" in tech,  # a smaller last micro-batch would trigger a recompile
         )
         trainer = make_trainer_class()(
             model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -1,0 +1,266 @@
+"""The benchmark behind the README's results: every script, each lightweight technique switched off in turn,
+the reference QLoRA recipe and the smallest memory budget each script trains under, on one CUDA GPU.
+
+    python benchmark.py                          # all groups (about 25 minutes on an H200)
+    python benchmark.py --only main,fast8        # some groups; --out names the JSON they are written to
+    python benchmark.py --merge a.json b.json    # merge partial runs into results/benchmark.json, then report
+    python benchmark.py --report                 # results/benchmark.md and results/*.png from the JSON
+
+Runs happen in this process, one after another, each through the script's own `main(argv)` on the
+random-init path (`--init random`), W&B off. tokens/s is the steady state: windows after the first steps.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from datetime import date
+from pathlib import Path
+
+import common
+
+RESULTS = common.REPO / "results"
+
+# The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py): 4-bit NF4 with double quantization,
+# prepare_model_for_kbit_training, LoRA on every linear projection, gradient checkpointing, paged 32-bit AdamW,
+# bf16, and transformers' default attention for GPT-Neo (eager). Same rank, targets and micro-batch as ours.
+REFERENCE_QLORA = common.Recipe(
+    script="reference_qlora", model="EleutherAI/gpt-neo-1.3B",
+    techniques=("nf4", "lora", "kbit_prep", "grad_checkpointing", "bf16", "packing"),
+    micro_batch=16, seq_len=1024, tokens_per_step=32768, optimizer="paged_adamw_32bit",
+    lora_rank=16, lora_alpha=32)
+
+SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 10, 3
+SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]
+
+
+def ablations(script, steps):
+    recipe = importlib.import_module(script).RECIPE
+    skip = {"lora", "auto_micro_batch"}  # nf4 cannot train without lora; auto_micro_batch acts only under a budget
+    return [dict(name=f"{script}-no-{t}", script=script, ablation=t, argv=["--max-steps", str(steps), "--off", t])
+            for t in recipe.techniques if t not in skip]
+
+
+GROUPS = {
+    "main": [
+        dict(name="before_small", script="before_small", argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5"]),
+        dict(name="lightweight_small", script="lightweight_small",
+             argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5"]),
+        dict(name="before_big-16gib", script="before_big", argv=["--max-steps", "2", "--gpu-memory-gib", "16"]),
+        dict(name="before_big", script="before_big", argv=["--max-steps", "4"]),
+        dict(name="lightweight_big", script="lightweight_big", argv=["--max-steps", str(BIG_STEPS)]),
+        dict(name="lightweight_big-4gib", script="lightweight_big",
+             argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "4"]),
+        dict(name="lightweight_big-2gib", script="lightweight_big",
+             argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "2"]),
+        dict(name="reference_qlora", script="reference_qlora", argv=["--max-steps", str(BIG_STEPS)]),
+    ],
+    # lightweight_big's fastest setting within 8 GiB: fewer checkpointed layers, the micro-batch chosen to fit
+    "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
+                   argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
+              for k in (24, 18, 12)] + [
+        dict(name=f"lightweight_big-8gib-ckpt{k}-compile", script="lightweight_big",  # exploring: compile on
+             argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k), "--on", "compile"])
+        for k in (24, 12)],
+    "ablation_small": ablations("lightweight_small", ABLATION_STEPS),
+    "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
+    "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time
+}
+
+
+def recipe_main(script):
+    if script == "reference_qlora":
+        return common.main_for(REFERENCE_QLORA)
+    return importlib.import_module(script).main
+
+
+def read_curves(output_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"train": [[r["step"], r["loss"]] for r in rows if "loss" in r],
+            "eval": [[r["step"], r["eval_loss"]] for r in rows if "eval_loss" in r]}
+
+
+def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
+    """Run one script in this process; return its benchmark row (oom rows included)."""
+    import torch
+
+    out = workdir / spec["name"]
+    argv = ["--init", "random", "--wandb", "off", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
+    print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
+    torch._dynamo.reset()  # every run compiles afresh: no recompile limits carried over between runs
+    error = None
+    try:
+        recipe_main(spec["script"])(argv)
+    except SystemExit as e:
+        if e.code not in (None, 0, common.EXIT_OOM):
+            error = f"exit {e.code}"
+    except Exception as e:  # one failed run must not lose the others
+        error = f"{type(e).__name__}: {e}"
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    if error:
+        print(f"!!! {spec['name']} failed: {error}", file=sys.stderr)
+    return {
+        "name": spec["name"], "script": spec["script"], "techniques": summary.get("techniques"),
+        "ablation": spec.get("ablation"), "budget_gib": summary.get("budget_gib"),
+        "micro_batch": summary.get("micro_batch"), "seq_len": summary.get("seq_len"),
+        "tokens_per_second": summary.get("steady_tokens_per_second"), "mfu": summary.get("mfu"),
+        "peak_memory_gib": summary.get("peak_memory_gib"), "train_seconds": summary.get("train_seconds"),
+        "eval_loss": summary.get("final_eval_loss"), "oom": summary.get("oom"), "steps": summary.get("steps"),
+        "argv": spec["argv"], "error": error, "curves": read_curves(out) if (out / "metrics.jsonl").exists() else None,
+    }
+
+
+def sweep(script: str, workdir: Path, save) -> None:
+    """Smallest --gpu-memory-gib (0.5 GiB steps) at which `script` trains SWEEP_STEPS steps."""
+    trained = {}
+
+    def trial(budget):
+        row = run_one(dict(name=f"{script}-sweep-{budget:g}gib", script=script,
+                           argv=["--max-steps", str(SWEEP_STEPS), "--gpu-memory-gib", f"{budget:g}"]), workdir)
+        row["sweep"] = True
+        save(row)
+        trained[budget] = row["error"] is None and not row["oom"]
+        return trained[budget]
+
+    uncapped = run_one(dict(name=f"{script}-sweep-peak", script=script, argv=["--max-steps", str(SWEEP_STEPS)]), workdir)
+    budget = max(0.5, math.ceil((uncapped["peak_memory_gib"] or 1) * 2) / 2)
+    if "auto_micro_batch" in (uncapped["techniques"] or []):
+        budget = min(budget, 4.0)  # the micro-batch shrinks to fit: start low and walk down
+    if trial(budget):
+        while budget > 0.5 and trial(budget - 0.5):
+            budget -= 0.5
+    else:
+        for _ in range(6):
+            budget += 0.5
+            if trial(budget):
+                break
+
+
+def versions_line(v: dict) -> str:
+    return ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel") if v.get(k))
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def merge(paths, into: Path) -> dict:
+    merged = load(into)
+    for path in paths:
+        part = load(Path(path))
+        merged.update({k: v for k, v in part.items() if k != "runs"})
+        names = {r["name"] for r in part["runs"]}
+        merged["runs"] = [r for r in merged.get("runs", []) if r["name"] not in names] + part["runs"]
+    into.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def fmt(v, spec=".3g"):
+    return "—" if v is None else format(v, spec)
+
+
+def report(results: dict) -> None:
+    """results/benchmark.md and the plots, from the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {r["name"]: r for r in results["runs"]}
+    lines = [f"# Benchmark results\n", f"GPU: {results.get('gpu')}; date: {results.get('date')}; "
+             f"{versions_line(results.get('versions', {}))}.\n", "Command: `python benchmark.py` (see its docstring).\n",
+             "| run | techniques off | budget GiB | micro-batch | tokens/s | MFU | peak GiB | eval loss | OOM |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['name']} | {r.get('ablation') or ''} | {fmt(r.get('budget_gib'), 'g')} | {fmt(r.get('micro_batch'), 'd')} "
+                     f"| {fmt(r.get('tokens_per_second'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} "
+                     f"| {fmt(r.get('peak_memory_gib'), '.2f')} | {fmt(r.get('eval_loss'), '.4f')} | {'yes' if r.get('oom') else ''}"
+                     + (f" {r['error']}" if r.get("error") else "") + " |")
+    sweeps = {}
+    for r in results["runs"]:
+        if r.get("sweep") and not r.get("oom") and not r.get("error"):
+            sweeps[r["script"]] = min(sweeps.get(r["script"], 1e9), r["budget_gib"])
+    if sweeps:
+        lines += ["\n## Smallest budget that trains (0.5 GiB steps)\n", "| script | --gpu-memory-gib |", "|---|---|"]
+        lines += [f"| {s} | {b:g} |" for s, b in sweeps.items()]
+    (RESULTS / "benchmark.md").write_text("\n".join(lines) + "\n")
+
+    for model, pair in (("small", ("before_small", "lightweight_small")),
+                        ("big", ("before_big", "lightweight_big", "reference_qlora"))):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in pair:
+            curves = (runs.get(name) or {}).get("curves")
+            if curves:
+                line, = ax.plot(*zip(*curves["train"]), label=f"{name} train") if curves["train"] else (None,)
+                if curves["eval"]:
+                    ax.plot(*zip(*curves["eval"]), "o--", color=line.get_color() if line else None, label=f"{name} eval")
+        ax.set(xlabel="optimizer step", ylabel="loss", title=f"{model} model: loss (random init)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"loss_{model}.png", dpi=100)
+        plt.close(fig)
+
+    main = [runs[n] for n in ("before_small", "lightweight_small", "before_big", "lightweight_big",
+                              "lightweight_big-4gib", "lightweight_big-2gib", "reference_qlora") if n in runs]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r["name"] for r in main]
+    a1.barh(names, [r.get("tokens_per_second") or 0 for r in main]); a1.set(xlabel="tokens/s (steady)")
+    a2.barh(names, [r.get("peak_memory_gib") or 0 for r in main]); a2.set(xlabel="peak GPU memory (GiB)")
+    a2.set_yticklabels([])
+    fig.tight_layout(); fig.savefig(RESULTS / "speed_memory.png", dpi=100); plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, script in zip(axes, ("lightweight_small", "lightweight_big")):
+        rows = [r for r in results["runs"] if r["script"] == script and r.get("ablation")]
+        full = runs.get(script)
+        if full:
+            rows = [dict(full, ablation="(all on)")] + rows
+        ax.barh([r["ablation"] for r in rows], [r.get("tokens_per_second") or 0 for r in rows])
+        ax.set(xlabel="tokens/s", title=f"{script}: one technique off")
+    fig.tight_layout(); fig.savefig(RESULTS / "ablation.png", dpi=100); plt.close(fig)
+    print(f"wrote {RESULTS}/benchmark.md and plots", file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(GROUPS), help=f"groups to run: {', '.join(GROUPS)}")
+    p.add_argument("--out", default=str(RESULTS / "benchmark.json"), help="JSON to write the runs into (merged by name)")
+    p.add_argument("--workdir", default=str(common.REPO / "runs" / "benchmark"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these partial results into results/benchmark.json")
+    p.add_argument("--report", action="store_true", help="only write results/benchmark.md and plots from the JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, no budgets or sweep: tests the machinery")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    if args.merge:
+        return report(merge(args.merge, RESULTS / "benchmark.json"))
+    if args.report:
+        return report(load(RESULTS / "benchmark.json"))
+
+    import torch
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("benchmark.py needs a CUDA GPU (--smoke runs tiny models on the CPU)")
+    groups = args.only.split(",")
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
+    out, workdir = Path(args.out), Path(args.workdir)
+    header = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": date.today().isoformat(), "versions": common.versions()}
+
+    def save(row):
+        part = load(out)
+        part.update(header)
+        part["runs"] = [r for r in part["runs"] if r["name"] != row["name"]] + [row]
+        out.write_text(json.dumps(part, indent=1) + "\n")
+
+    for group in groups:
+        for spec in GROUPS[group]:
+            if group == "sweep":
+                if not args.smoke:
+                    sweep(spec, workdir, save)
+            elif not (args.smoke and "--gpu-memory-gib" in spec["argv"]):
+                save(run_one(spec, workdir, smoke=args.smoke))
+
+
+if __name__ == "__main__":
+    main()
