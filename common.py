@@ -675,16 +675,21 @@ def choose_micro_batch(model, args, device, fused_ce: bool) -> int:
     """
     body, head = causal_lm_parts(model)
     estimate = state_memory_estimate_gib(model, args.techniques)["optimizer states"]
+    headroom = 0.9 * args.gpu_memory_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
+    model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
     micro = args.micro_batch
     while True:
         placeholder = None
+        torch.cuda.reset_peak_memory_stats()
         try:
             placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
             ids = torch.randint(0, 100, (micro, args.seq_len), device=device)
             with torch.autocast(device.type, dtype=args.half_dtype, enabled="bf16" in args.techniques):
                 loss = lm_loss_sum(body(input_ids=ids).last_hidden_state, head.weight, ids, fused_ce)
             loss.backward()
-            return micro
+            if micro == 1 or torch.cuda.max_memory_allocated() <= headroom:
+                return micro
+            micro //= 2
         except torch.OutOfMemoryError:
             if micro == 1:
                 raise
@@ -781,7 +786,7 @@ def run(recipe: Recipe, argv=None) -> dict:
         optim = ("paged_adamw_8bit" if "paged_adamw_8bit" in tech
                  else "adamw_torch_fused" if "fused_adamw" in tech else recipe.optimizer)
         training_args = TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=args.micro_batch, per_device_eval_batch_size=args.micro_batch,
+            output_dir=str(out), per_device_train_batch_size=args.micro_batch, per_device_eval_batch_size=1,  # every held-out block, none dropped
             gradient_accumulation_steps=accumulation, num_train_epochs=args.epochs, max_steps=args.max_steps,
             learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
             bf16="bf16" in tech and args.half_dtype == torch.bfloat16 and cuda,
