@@ -121,6 +121,10 @@ def parse_args(recipe: Recipe, argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenizer, tokenized corpus and random-init checkpoints")
     args = p.parse_args(argv)
     args.techniques = tuple(t for t in recipe.techniques if t not in args.off) + tuple(dict.fromkeys(args.on))
+    args.script, args.recipe_model, args.recipe_techniques = recipe.script, recipe.model, recipe.techniques
+    args.lora_rank, args.lora_alpha = recipe.lora_rank, recipe.lora_alpha
+    cuda = torch.cuda.is_available()
+    args.half_dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
     return args
 
 
@@ -495,9 +499,9 @@ def lm_loss_sum(hidden, weight, labels, fused: bool):
 
 
 def cuda_memory_gib() -> dict:
-    """Allocated, reserved and peak CUDA memory in GiB (peak since the start: never reset); {} on the CPU."""
+    """Allocated, reserved and peak CUDA memory in GiB (peak since the start: never reset); None on the CPU."""
     if not torch.cuda.is_available():
-        return {}
+        return dict.fromkeys(("memory_allocated_gib", "memory_reserved_gib", "peak_memory_gib"))
     return {"memory_allocated_gib": torch.cuda.memory_allocated() / GIB,
             "memory_reserved_gib": torch.cuda.memory_reserved() / GIB,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB}
@@ -706,8 +710,6 @@ def run(recipe: Recipe, argv=None) -> dict:
     """Train `recipe` as the command line says; return the summary (also in OUTPUT_DIR/summary.json)."""
     script_start = time.perf_counter()
     args = parse_args(recipe, argv)
-    args.script, args.recipe_model, args.recipe_techniques = recipe.script, recipe.model, recipe.techniques
-    args.lora_rank, args.lora_alpha = recipe.lora_rank, recipe.lora_alpha
     try:
         validate_args(args)
         texts = load_corpus(args.corpus)
@@ -737,7 +739,6 @@ def run(recipe: Recipe, argv=None) -> dict:
     tech = set(args.techniques)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    args.half_dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
     if "tf32" in tech and cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(args.seed)
