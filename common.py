@@ -9,8 +9,7 @@ out-of-memory report.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
+import copy
 import gc
 import hashlib
 import json
@@ -292,13 +291,35 @@ def tiny_config(model_id: str, vocab_size: int):
 
 
 def hub_reachable(model_id: str) -> tuple[bool, str]:
-    """(True, '') when `model_id`'s config can be had from the hub or its cache; else (False, why)."""
+    """(True, '') when `model_id`'s config can be had from the local cache or the hub; else (False, why).
+
+    Without a network the hub client retries for about half a minute; a 3-second connection probe first
+    keeps an offline start quick. An id the reachable hub does not know is an InputError.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.errors import RepositoryNotFoundError
     from transformers import AutoConfig
 
     try:
+        AutoConfig.from_pretrained(model_id, local_files_only=True)
+        return True, ""
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False, "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return False, f"cannot connect to {host}: {e}"
+    try:
         AutoConfig.from_pretrained(model_id)
         return True, ""
-    except OSError as e:  # no network and nothing cached, or an unknown id
+    except RepositoryNotFoundError:
+        raise InputError(f"model {model_id}: the hub does not know it (check the id, or pass a local path)") from None
+    except OSError as e:
         return False, str(e).splitlines()[0]
 
 
@@ -315,7 +336,7 @@ def random_init_checkpoint(config, seed: int, cache_dir: Path) -> Path:
         torch.manual_seed(seed)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 1.3B weights is much faster there
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)  # keeps the key
         tmp = folder.with_name(folder.name + ".tmp")
         model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 on disk halves the write; loading upcasts as asked
         del model
@@ -786,8 +807,10 @@ def run(recipe: Recipe, argv=None) -> dict:
         eval_every = args.eval_every or max(1, total_steps // 4)
         optim = ("paged_adamw_8bit" if "paged_adamw_8bit" in tech
                  else "adamw_torch_fused" if "fused_adamw" in tech else recipe.optimizer)
+        drop_last = "compile" in tech and cuda  # a smaller last micro-batch would trigger a recompile
         training_args = TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=args.micro_batch, per_device_eval_batch_size=1,  # every held-out block, none dropped
+            output_dir=str(out), per_device_train_batch_size=args.micro_batch,
+            per_device_eval_batch_size=1 if drop_last else args.micro_batch,  # drop_last must drop no held-out block
             gradient_accumulation_steps=accumulation, num_train_epochs=args.epochs, max_steps=args.max_steps,
             learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
             bf16="bf16" in tech and args.half_dtype == torch.bfloat16 and cuda,
@@ -796,7 +819,7 @@ def run(recipe: Recipe, argv=None) -> dict:
             save_strategy="no", report_to=["wandb"] if wandb_run is not None else "none",
             prediction_loss_only=True, use_cpu=not cuda, dataloader_pin_memory=cuda,
             disable_tqdm=False, remove_unused_columns=False,
-            dataloader_drop_last="compile" in tech,  # a smaller last micro-batch would trigger a recompile
+            dataloader_drop_last=drop_last,
         )
         trainer = make_trainer_class()(
             model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -1,0 +1,148 @@
+"""Model-side pieces: 4-bit + LoRA, the GPT-Neo SDPA port, the random-init fallback, the loss, the FLOP count."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import before_small
+import common
+import lightweight_big
+from conftest import TINY
+
+
+def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
+    import bitsandbytes as bnb
+
+    args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir)])
+    source, tokenizer, init, _ = common.resolve_model(args, common.load_corpus(args.corpus))
+    model = common.load_model(source, args, torch.device("cpu"))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 6  # 2 layers x (q, k, v, out, c_fc, c_proj)
+    assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in four_bit)  # double quant
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 6 * 2  # lora_A and lora_B on each projection
+
+    body, head = common.causal_lm_parts(model)
+    ids = torch.randint(0, len(tokenizer), (2, 32))
+    common.lm_loss_sum(body(input_ids=ids).last_hidden_state, head.weight, ids, fused=False).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and with_grad <= set(trainable)
+
+
+def tiny_gpt_neo(window=8):
+    config = common.tiny_config("EleutherAI/gpt-neo-1.3B", vocab_size=128)
+    config.window_size = window
+    config.attn_implementation = "eager"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpt_neo_sdpa_matches_eager(padded):
+    eager = tiny_gpt_neo(window=8)  # T=40 > window: the local layer's window matters
+    sdpa = copy.deepcopy(eager)
+    assert common.use_gpt_neo_sdpa(sdpa) == 2
+    ids = torch.randint(0, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 25:] = 0  # right padding in the second row
+    out_eager = eager(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out_sdpa = sdpa(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()
+    torch.testing.assert_close(out_sdpa[keep], out_eager[keep], rtol=1e-5, atol=1e-5)
+
+    # and the gradients agree
+    for model, out in ((eager, out_eager), (sdpa, out_sdpa)):
+        out[keep].pow(2).mean().backward()
+    for (name, p_eager), p_sdpa in zip(eager.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(p_sdpa.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gpt_neo_sdpa_really_uses_the_window():
+    """A token beyond the window must not influence the output of a local layer (and does for a global one)."""
+    model = tiny_gpt_neo(window=4)
+    common.use_gpt_neo_sdpa(model)
+    local = model.transformer.h[1].attn.attention
+    assert local.attention_type == "local"
+    x = torch.randn(1, 12, model.config.hidden_size)
+    y = local(x)[0]
+    x2 = x.clone()
+    x2[0, 0] += 1.0  # token 0 is outside the 4-token window of token 11
+    y2 = local(x2)[0]
+    torch.testing.assert_close(y2[0, 11], y[0, 11])
+    assert not torch.allclose(y2[0, 2], y[0, 2])
+
+
+def test_random_init_round_trips_through_from_pretrained(cache_dir):
+    config = common.tiny_config("facebook/opt-350m", vocab_size=256)
+    folder = common.random_init_checkpoint(config, seed=7, cache_dir=cache_dir)
+    assert (folder / "config.json").exists()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert common.random_init_checkpoint(config, seed=7, cache_dir=cache_dir) == folder  # saved once, reused
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    a = AutoModelForCausalLM.from_pretrained(folder)
+    b = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(a).__name__ == "OPTForCausalLM" and a.config.num_hidden_layers == 2
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, msg=name)
+    other = AutoModelForCausalLM.from_pretrained(common.random_init_checkpoint(config, seed=8, cache_dir=cache_dir))
+    assert not torch.equal(other.lm_head.weight, a.lm_head.weight)
+
+
+def test_unreachable_hub_falls_back_to_random_init_loudly(tmp_path, cache_dir, capsys, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    tiny = common.tiny_config("facebook/opt-350m", vocab_size=512).to_dict()
+    (configs / "nobody--tiny-opt.json").write_text(json.dumps(tiny))
+    monkeypatch.setattr(common, "CONFIGS", configs)
+    out = tmp_path / "out"
+    summary = before_small.main(["--model", "nobody/tiny-opt", "--init", "pretrained", "--seq-len", "64",
+                                 "--micro-batch", "4", "--tokens-per-step", "256", "--max-steps", "1",
+                                 "--output-dir", str(out), "--cache-dir", str(cache_dir), "--wandb", "off"])
+    err = capsys.readouterr().err
+    assert "Falling back to --init random" in err and "NOT a pretrained model" in err
+    assert summary["init"] == "random"
+
+
+def test_plain_loss_is_token_mean_cross_entropy():
+    hidden = torch.randn(2, 6, 8)
+    weight = torch.randn(11, 8)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[1, 4:] = -100
+    total = common.lm_loss_sum(hidden, weight, labels, fused=False)
+    logits = hidden[:, :-1] @ weight.t()
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(total, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger's fused kernel runs on CUDA only")
+def test_fused_cross_entropy_matches_plain_on_gpu():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 128, 256, device="cuda", requires_grad=True)
+    weight = torch.randn(5000, 256, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 5000, (4, 128), device="cuda")
+    labels[0, 100:] = -100
+    fused = common.lm_loss_sum(hidden, weight, labels, fused=True)
+    grads_fused = torch.autograd.grad(fused, (hidden, weight))
+    plain = common.lm_loss_sum(hidden, weight, labels, fused=False)
+    grads_plain = torch.autograd.grad(plain, (hidden, weight))
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-3)
+    for a, b in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_id", ["facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"])
+def test_flops_per_token_counts_the_real_parameters(model_id):
+    config = AutoConfig.for_model(**json.loads(common.config_file(model_id).read_text()))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if "embed_positions" not in name and "wpe" not in name and "bias" not in name
+            and "layer_norm" not in name and ".ln_" not in name and "final_layer_norm" not in name)
+    layers, d = config.num_hidden_layers, config.hidden_size
+    assert common.flops_per_token(config, 1024, frozen_base=False) == 6 * n + 12 * layers * d * 1024
+    assert common.flops_per_token(config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024

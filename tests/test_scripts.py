@@ -1,0 +1,89 @@
+"""Each script end to end on a tiny model: what it trains, what it logs to W&B and to its files."""
+import importlib
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from wandb_records import read_offline_run
+
+SCRIPTS = ["before_small", "lightweight_small", "before_big", "lightweight_big"]
+SUMMARY_KEYS = {"train_seconds", "script_seconds", "tokens_trained", "tokens_per_second", "peak_memory_gib",
+                "final_train_loss", "final_eval_loss", "trainable_params", "total_params", "oom"}
+
+
+def run_script(script, out, cache_dir, *extra):
+    return importlib.import_module(script).main(
+        [*TINY, "--output-dir", str(out), "--cache-dir", str(cache_dir), *extra])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_trains_and_logs(script, tmp_path, cache_dir, capsys):
+    out = tmp_path / "out"
+    summary = run_script(script, out, cache_dir, "--max-steps", "3", "--wandb", "offline")
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["tokens_per_second"] > 0 and r["step_seconds"] > 0 and r["learning_rate"] > 0 for r in train)
+    assert all({"memory_allocated_gib", "memory_reserved_gib", "peak_memory_gib"} <= r.keys() for r in train)
+    assert any("eval_loss" in r for r in rows)
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert SUMMARY_KEYS <= on_disk.keys()
+    assert on_disk["oom"] is False and on_disk["steps"] == 3
+    assert on_disk["tokens_trained"] == sum(r["tokens_trained"] - p for r, p in
+                                            zip(train, [0] + [t["tokens_trained"] for t in train[:-1]]))
+    assert 0 < on_disk["trainable_params"] <= on_disk["total_params"]
+    if script == "lightweight_big":  # only the LoRA adapters train
+        assert on_disk["trainable_params"] < on_disk["total_params"] / 4
+
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    record = read_offline_run(run_dir)
+    assert record["group"] == script
+    logged = [h for h in record["history"] if "train/loss" in h]
+    assert len(logged) == 3
+    assert {"train/tokens_per_second", "train/step_seconds", "train/peak_memory_gib"} <= logged[0].keys()
+    assert float(logged[0]["train/loss"]) == pytest.approx(train[0]["loss"], rel=1e-5)
+    assert any("eval/loss" in h for h in record["history"])
+    assert {"tokens_per_second", "peak_memory_gib", "oom", "final_eval_loss"} <= record["summary"].keys()
+    assert json.loads(record["summary"]["oom"]) is False
+    config = {k: json.loads(v) for k, v in record["config"].items()}
+    assert config["script"] == script and config["init"] == "random"
+    assert set(config["techniques"]) == set(importlib.import_module(script).RECIPE.techniques)
+    assert config["versions"]["transformers"] and "gpu" in config
+    assert "wandb sync" in capsys.readouterr().err
+
+
+def test_loss_falls(tmp_path, cache_dir):
+    summary = run_script("lightweight_small", tmp_path / "out", cache_dir,
+                         "--max-steps", "30", "--lr", "3e-3", "--wandb", "off", "--eval-every", "30")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert summary["final_eval_loss"] < losses[0] - 0.5
+
+
+def test_out_of_memory_exits_3_with_one_line(tmp_path, cache_dir, capsys, monkeypatch):
+    import transformers
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", no_memory)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("before_big", out, cache_dir, "--max-steps", "3", "--wandb", "offline")
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "out of CUDA memory" in line]
+    assert len(lines) == 1 and lines[0].startswith("before_big:")
+    assert "weights" in lines[0] and "gradients" in lines[0] and "optimizer states" in lines[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["oom"] is True and summary["oom_message"] == lines[0]
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    assert json.loads(read_offline_run(run_dir)["summary"]["oom"]) is True
