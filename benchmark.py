@@ -84,7 +84,7 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
     import torch
 
     out = workdir / spec["name"]
-    argv = ["--init", "random", "--wandb", "off", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
+    argv = ["--init", "random", "--wandb", "off", "--no-checkpoints", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
     print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
     torch._dynamo.reset()  # every run compiles afresh: no recompile limits carried over between runs
     error = None

@@ -15,10 +15,11 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,12 @@ def parse_args(recipe: Recipe, argv=None) -> argparse.Namespace:
     p.add_argument("--wandb", choices=["auto", "online", "offline", "off"], default="auto",
                    help="auto: online with credentials, else offline; WANDB_PROJECT names the project")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenizer, tokenized corpus and random-init checkpoints")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="save a checkpoint every N optimizer steps (0: only at the end); LoRA runs save adapters only")
+    p.add_argument("--no-checkpoints", action="store_true", help="save no checkpoints (benchmarks)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --output-dir: same data order, optimizer, schedule, "
+                        "metrics.jsonl and W&B run")
     args = p.parse_args(argv)
     args.techniques = tuple(t for t in recipe.techniques if t not in args.off) + tuple(dict.fromkeys(args.on))
     args.script, args.recipe_model, args.recipe_techniques = recipe.script, recipe.model, recipe.techniques
@@ -137,6 +144,10 @@ def validate_args(args) -> None:
         problems.append(f"--epochs must be positive (got {args.epochs:g}) unless --max-steps is given")
     if args.max_steps == 0 or args.max_steps < -1:
         problems.append(f"--max-steps must be positive (got {args.max_steps})")
+    if args.save_every < 0:
+        problems.append(f"--save-every must be 0 or positive (got {args.save_every})")
+    if args.resume and args.no_checkpoints:
+        problems.append("--resume and --no-checkpoints exclude each other")
     if args.eval_every < 0:
         problems.append(f"--eval-every must be 0 or positive (got {args.eval_every})")
     if args.lr <= 0:
@@ -612,7 +623,7 @@ def make_trainer_class():
 # ----------------------------------------------------------------------------- W&B
 
 
-def start_wandb(args, config: dict):
+def start_wandb(args, config: dict, id_file: Path):
     """Start the run (project WANDB_PROJECT or WANDB_PROJECT default, group = script) or return None.
 
     Without credentials the run is offline, so it never waits at a login prompt.
@@ -629,18 +640,21 @@ def start_wandb(args, config: dict):
         netrc = Path.home() / ".netrc"
         has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
         mode = "online" if has_key else "offline"
+    run_id = id_file.read_text().strip() if args.resume and id_file.exists() else uuid.uuid4().hex[:8]
+    kwargs = dict(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=args.script, job_type="train",
+                  name=f"{args.script}-{run_id}", id=run_id, resume="allow", config=config, dir=args.output_dir)
     try:
-        return wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=args.script,
-                          job_type="train", name=f"{args.script}-{datetime.now():%Y%m%d-%H%M%S}",
-                          config=config, dir=args.output_dir, mode=mode)
+        run = wandb.init(mode=mode, **kwargs)
     except Exception as e:  # W&B trouble never stops training
-        print(f"{args.script}: W&B unavailable ({e.__class__.__name__}: {e}); retrying offline", file=sys.stderr)
+        print(f"{args.script}: warning: W&B unavailable ({type(e).__name__}: {e}); logging offline", file=sys.stderr)
         try:
-            return wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=args.script,
-                              config=config, dir=args.output_dir, mode="offline")
-        except Exception:
-            print(f"{args.script}: W&B offline failed too; logging to metrics.jsonl only", file=sys.stderr)
+            run = wandb.init(mode="offline", **kwargs)
+        except Exception as e:
+            print(f"{args.script}: warning: W&B offline failed too ({type(e).__name__}); "
+                  "logging to metrics.jsonl only", file=sys.stderr)
             return None
+    id_file.write_text(run_id + "\n")
+    return run
 
 
 # ----------------------------------------------------------------------------- budget and out-of-memory
@@ -727,12 +741,73 @@ def choose_micro_batch(model, args, device, fused_ce: bool) -> int:
             torch.cuda.reset_peak_memory_stats()
 
 
+def find_checkpoint(args) -> str:
+    """The newest checkpoint-N folder in --output-dir, for --resume (InputError when there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(args.output_dir)
+    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if checkpoint is None:
+        raise InputError(f"--resume: no checkpoint-N folder in {out} to resume from (run without --resume first)")
+    return checkpoint
+
+
+def restart_metrics(path: Path, resume_step: int | None) -> int:
+    """Start metrics.jsonl afresh, or on resume keep the rows up to the checkpoint's step (later rows will be
+    logged again). Returns the tokens trained up to there."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return max((r["tokens_trained"] for r in kept if "tokens_trained" in r), default=0)
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM during training: finish the optimizer step, save a checkpoint, stop cleanly.
+
+    A second Ctrl-C exits at once. Used as a context manager around `trainer.train()`; `callback()` is the
+    TrainerCallback that turns the request into `should_save` and `should_training_stop`.
+    """
+
+    def __init__(self, script: str, save: bool):
+        self.script, self.save, self.signum, self._previous = script, save, None, {}
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            os._exit(128 + signum)  # second Ctrl-C: no checkpoint, no cleanup
+        self.signum = signum
+        print(f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
+              + (" and saving a checkpoint" if self.save else "") + " (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class StopCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stopper.signum is not None:
+                    control.should_training_stop = True
+                    control.should_save = stopper.save
+
+        return StopCallback()
+
+
 def run(recipe: Recipe, argv=None) -> dict:
     """Train `recipe` as the command line says; return the summary (also in OUTPUT_DIR/summary.json)."""
     script_start = time.perf_counter()
     args = parse_args(recipe, argv)
     try:
         validate_args(args)
+        checkpoint = find_checkpoint(args) if args.resume else None
         texts = load_corpus(args.corpus)
         check_memory_budget(args.gpu_memory_gib)
         source, tokenizer, init, init_note = resolve_model(args, texts)
@@ -766,7 +841,8 @@ def run(recipe: Recipe, argv=None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    resume_step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else None
+    tokens_before = restart_metrics(metrics_path, resume_step)
 
     if "packing" in tech:
         train_ds = make_dataset(pack(train_records, args.seq_len))
@@ -776,7 +852,7 @@ def run(recipe: Recipe, argv=None) -> dict:
 
     summary = {"script": recipe.script, "model": args.model, "init": init, "oom": False,
                "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len}
-    wandb_run = model = trainer = None
+    wandb_run = model = trainer = crash = None
     try:
         apply_memory_budget(args.gpu_memory_gib)
         model = load_model(source, args, device)
@@ -801,7 +877,7 @@ def run(recipe: Recipe, argv=None) -> dict:
         print(f"{recipe.script}: {args.model} ({init_note}), {trainable:,} of {total:,} parameters train; "
               f"micro-batch {args.micro_batch} x {args.seq_len} x {accumulation} accumulation; "
               f"techniques: {', '.join(args.techniques) or 'none'}", file=sys.stderr)
-        wandb_run = start_wandb(args, run_config)
+        wandb_run = start_wandb(args, run_config, out / "wandb_run_id.txt")
         steps_per_epoch = math.ceil(len(train_ds) / (args.micro_batch * accumulation))
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
         eval_every = args.eval_every or max(1, total_steps // 4)
@@ -816,7 +892,8 @@ def run(recipe: Recipe, argv=None) -> dict:
             bf16="bf16" in tech and args.half_dtype == torch.bfloat16 and cuda,
             fp16="bf16" in tech and args.half_dtype == torch.float16,
             optim=optim, logging_steps=args.logging_steps, eval_strategy="steps", eval_steps=eval_every,
-            save_strategy="no", report_to=["wandb"] if wandb_run is not None else "none",
+            save_strategy="no" if args.no_checkpoints else "steps", save_steps=args.save_every or total_steps,
+            save_total_limit=2, report_to=["wandb"] if wandb_run is not None else "none",
             prediction_loss_only=True, use_cpu=not cuda, dataloader_pin_memory=cuda,
             disable_tqdm=False, remove_unused_columns=False,
             dataloader_drop_last=drop_last,
@@ -826,19 +903,31 @@ def run(recipe: Recipe, argv=None) -> dict:
             fused_ce=fused_ce, flops_per_token=flops_per_token(model_config, args.seq_len, "lora" in tech),
             peak_tflops=H200_BF16_TFLOPS if cuda and "H200" in torch.cuda.get_device_name(0) else None,
             metrics_path=metrics_path)
-        result = trainer.train()
-        if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history):
+        trainer.tokens_trained = tokens_before
+        stopper = StopOnSignal(recipe.script, save=not args.no_checkpoints)
+        trainer.add_callback(stopper.callback())
+        with stopper:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        if stopper.signum is not None:
+            summary["interrupted"] = signal.Signals(stopper.signum).name
+        elif not any("eval_loss" in h and h.get("step") == trainer.state.global_step
+                     for h in trainer.state.log_history):
             trainer.evaluate()
         train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         summary.update(
             train_seconds=result.metrics["train_runtime"], tokens_trained=trainer.tokens_trained,
-            tokens_per_second=trainer.tokens_trained / result.metrics["train_runtime"],
+            tokens_per_second=(trainer.tokens_trained - tokens_before) / result.metrics["train_runtime"],
             steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(5, total_steps // 3)),
             final_train_loss=train_losses[-1] if train_losses else None,
             final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step)
     except torch.OutOfMemoryError:
         summary["oom"] = True
+    except Exception as e:  # a crash still leaves summary.json and the W&B run consistent, then shows its traceback
+        crash = e
+        summary["error"] = f"{type(e).__name__}: {e}"
+        if trainer is not None:
+            summary.update(steps=trainer.state.global_step, tokens_trained=trainer.tokens_trained)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
     if trainer is not None:
         fpt = trainer.flops_per_token
@@ -863,13 +952,21 @@ def run(recipe: Recipe, argv=None) -> dict:
         wandb_run.summary.update(summary)
         offline = wandb_run.settings.mode == "offline"
         run_dir = Path(wandb_run.dir).parent
-        wandb_run.finish()
+        wandb_run.finish(exit_code=1 if crash or summary["oom"] else 0)
         if offline:
             print(f"{recipe.script}: W&B run saved offline; upload it with: wandb sync {run_dir}", file=sys.stderr)
     del trainer, model
+    if crash is not None:
+        raise crash
     if summary["oom"]:
         print(summary["oom_message"], file=sys.stderr)
         raise SystemExit(EXIT_OOM)
+    if "interrupted" in summary:
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(f"{recipe.script}: stopped by {summary['interrupted']} after step {summary.get('steps')}"
+              + (f"; resume with: python {recipe.script}.py {' '.join(again + ['--resume'])}"
+                 if not args.no_checkpoints else " (no checkpoints: --no-checkpoints)"), file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, summary["interrupted"]))
     print(f"{recipe.script}: done: " + ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
         if k in ("tokens_per_second", "steady_tokens_per_second", "mfu", "peak_memory_gib", "train_seconds",
@@ -880,5 +977,9 @@ def run(recipe: Recipe, argv=None) -> dict:
 def main_for(recipe: Recipe):
     """The `main(argv=None)` of a script: run and translate the outcome to an exit code."""
     def main(argv=None):
-        return run(recipe, argv)
+        try:
+            return run(recipe, argv)
+        except KeyboardInterrupt:  # Ctrl-C before or after training: nothing to save
+            print(f"\n{recipe.script}: interrupted", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
     return main

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import before_small
 import common
 import lightweight_big
-from conftest import TINY
+from conftest import SMALL_CORPUS, TINY
 
 
 def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
@@ -99,7 +99,8 @@ def test_unreachable_hub_falls_back_to_random_init_loudly(tmp_path, cache_dir, c
     (configs / "nobody--tiny-opt.json").write_text(json.dumps(tiny))
     monkeypatch.setattr(common, "CONFIGS", configs)
     out = tmp_path / "out"
-    summary = before_small.main(["--model", "nobody/tiny-opt", "--init", "pretrained", "--seq-len", "64",
+    summary = before_small.main(["--model", "nobody/tiny-opt", "--init", "pretrained", "--corpus", str(SMALL_CORPUS),
+                                 "--seq-len", "64",
                                  "--micro-batch", "4", "--tokens-per-step", "256", "--max-steps", "1",
                                  "--output-dir", str(out), "--cache-dir", str(cache_dir), "--wandb", "off"])
     err = capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""Interrupted runs resume with nothing lost; crashes and W&B trouble leave consistent files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightweight_small
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ["--max-steps", "10", "--lr", "3e-3", "--eval-every", "10", "--save-every", "100"]
+
+
+def losses(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def script_cmd(out, cache_dir, *extra):
+    return [sys.executable, str(REPO / "lightweight_small.py"), *TINY, *STEPS, "--output-dir", str(out),
+            "--cache-dir", str(cache_dir), "--wandb", "offline", *extra]
+
+
+def start_and_signal(cmd, out, signals, after_steps=3):
+    """Start a run, wait until it has logged `after_steps` steps, send `signals`; return (code, stderr)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= after_steps:
+            break
+        time.sleep(0.2)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("straight") / "out"
+    lightweight_small.main([*TINY, *STEPS, "--output-dir", str(out), "--cache-dir", str(cache_dir), "--wandb", "off"])
+    return losses(out)
+
+
+def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, cache_dir, uninterrupted):
+    out = tmp_path / "out"
+    code, err = start_and_signal(script_cmd(out, cache_dir), out, [signal.SIGINT])
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert "resume with: python lightweight_small.py" in err and err.rstrip().endswith("--resume")
+    stopped_at = max(losses(out))
+    assert 3 <= stopped_at < 10
+    assert (out / f"checkpoint-{stopped_at}").is_dir()
+    assert json.loads((out / "summary.json").read_text())["interrupted"] == "SIGINT"
+
+    resumed = subprocess.run(script_cmd(out, cache_dir, "--resume"), capture_output=True, text=True,
+                             env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    combined = losses(out)
+    assert sorted(combined) == list(range(1, 11))
+    for step, loss in uninterrupted.items():
+        assert combined[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+    assert uninterrupted[10] < uninterrupted[1] - 0.1  # the run really trained: the comparison means something
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.split("-")[-1] for r in runs}) == 1  # the same W&B run id, resumed
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    code, err = start_and_signal(script_cmd(out, cache_dir), out, [signal.SIGTERM])
+    assert code == 143, err
+    assert "Traceback" not in err and "SIGTERM" in err
+    assert list(out.glob("checkpoint-*"))
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    code, err = start_and_signal(script_cmd(out, cache_dir), out, [signal.SIGINT, signal.SIGINT])
+    assert code == 130
+    assert "stopped by SIGINT" not in err  # no checkpoint, no summary: it left at once
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path, cache_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main([*TINY, "--output-dir", str(tmp_path / "empty"), "--cache-dir", str(cache_dir),
+                                "--resume", "--wandb", "off"])
+    assert e.value.code == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
+
+
+def test_crash_leaves_checkpoint_metrics_and_summary_consistent(tmp_path, cache_dir, monkeypatch):
+    import transformers
+
+    original = transformers.Trainer.training_step
+    calls = {"n": 0}
+
+    def crash_in_step_3(self, *args, **kwargs):  # TINY: 2 micro-batches per step
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", crash_in_step_3)
+    out = tmp_path / "out"
+    argv = [*TINY, *STEPS, "--save-every", "1", "--output-dir", str(out), "--cache-dir", str(cache_dir),
+            "--wandb", "offline"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        lightweight_small.main(argv)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error"] == "RuntimeError: simulated crash" and summary["steps"] == 2
+    assert sorted(losses(out)) == [1, 2]
+    assert (out / "checkpoint-2").is_dir()
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", original)
+    lightweight_small.main([*argv, "--resume"])
+    assert sorted(losses(out)) == list(range(1, 11))
+
+
+def test_wandb_network_failure_falls_back_to_offline(tmp_path, cache_dir, capsys, monkeypatch):
+    import wandb
+
+    real_init = wandb.init
+
+    def init(*args, mode=None, **kwargs):
+        if mode == "online":
+            raise wandb.errors.CommError("simulated: network unreachable")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    out = tmp_path / "out"
+    summary = lightweight_small.main([*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir",
+                                      str(cache_dir), "--wandb", "online"])
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B unavailable") == 1
+    assert summary["steps"] == 2 and list((out / "wandb").glob("offline-run-*"))
+
+
+def test_missing_wandb_logs_locally(tmp_path, cache_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    out = tmp_path / "out"
+    summary = lightweight_small.main([*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir",
+                                      str(cache_dir)])
+    assert "wandb is not installed" in capsys.readouterr().err
+    assert summary["steps"] == 2 and (out / "metrics.jsonl").exists() and not (out / "wandb").exists()
