@@ -154,8 +154,9 @@ def validate_args(args) -> None:
         problems.append(f"--lr must be positive (got {args.lr:g})")
     if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
         problems.append(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib:g})")
-    if Path(args.output_dir).is_file():
-        problems.append(f"--output-dir {args.output_dir} is a file")
+    nearest = next((p for p in (Path(args.output_dir), *Path(args.output_dir).parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        problems.append(f"--output-dir {args.output_dir}: {nearest} is a file")
     if "nf4" in args.techniques and "lora" not in args.techniques:
         problems.append("nf4 needs lora: 4-bit weights cannot be trained directly")
     if problems:
@@ -168,21 +169,30 @@ def validate_args(args) -> None:
 def load_corpus(path) -> list[str]:
     """The `text` of every record of a JSON list (or JSON Lines) file; InputError on anything malformed."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"corpus {path}: is a directory, not a file")
     if not path.is_file():
         raise InputError(f"corpus {path}: no such file")
     try:
-        raw = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is harmless
     except UnicodeDecodeError as e:
         raise InputError(f"corpus {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"corpus {path}: cannot be read ({e.strerror})") from None
     if not raw.strip():
         raise InputError(f"corpus {path}: the file is empty")
     try:
         records = json.loads(raw)
     except json.JSONDecodeError as first_error:
-        try:  # JSON Lines: one object per non-empty line
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        except json.JSONDecodeError:
+        lines = [(n, line) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+        if len(lines) < 2 or not lines[0][1].lstrip().startswith("{"):
             raise InputError(f"corpus {path}: invalid or truncated JSON ({first_error})") from None
+        records = []  # JSON Lines: one object per non-empty line
+        for n, line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"corpus {path}: invalid JSON Lines, line {n}: {e.msg}") from None
     if not isinstance(records, list):
         raise InputError(f"corpus {path}: the top level must be a list of {{\"text\": ...}} objects, not {type(records).__name__}")
     for i, record in enumerate(records):
@@ -355,39 +365,56 @@ def random_init_checkpoint(config, seed: int, cache_dir: Path) -> Path:
     return folder
 
 
-def resolve_model(args, texts: list[str]):
-    """Decide where weights and tokenizer come from. Returns (source, tokenizer, init, note)."""
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer come from: a hub id or folder (`path`), or a config to build with random weights."""
+
+    config: object
+    path: str | Path | None
+    tokenizer: object
+    init: str
+    note: str
+
+    def materialize(self, seed: int, cache_dir) -> str | Path:
+        """The folder or id to load with `from_pretrained`; a random-init checkpoint is written here, once."""
+        return self.path if self.path is not None else random_init_checkpoint(self.config, seed, cache_dir)
+
+
+def resolve_model(args, texts: list[str]) -> ModelSource:
+    """Decide where weights and tokenizer come from, writing nothing but the (cached) corpus tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     cache = Path(args.cache_dir)
     if args.model == "tiny":
         tokenizer = corpus_tokenizer(texts, 1024, cache)
-        source = random_init_checkpoint(tiny_config(args.recipe_model, len(tokenizer)), args.seed, cache)
-        return source, tokenizer, "random", "tiny 2-layer model, random weights"
+        return ModelSource(tiny_config(args.recipe_model, len(tokenizer)), None, tokenizer, "random",
+                           "tiny 2-layer model, random weights")
     if args.init == "pretrained":
         ok, why = hub_reachable(args.model)
         if ok:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            return args.model, tokenizer, "pretrained", "pretrained weights"
+            return ModelSource(AutoConfig.from_pretrained(args.model), args.model, tokenizer, "pretrained",
+                               "pretrained weights")
         if not config_file(args.model).exists() and not (Path(args.model) / "config.json").exists():
-            raise InputError(f"model {args.model}: cannot load it ({why}) and configs/ has no architecture for it")
+            raise InputError(f"model {args.model}: not on the hub's reach and not cached ({why}); download it once "
+                             f"where the hub is reachable, pass a local folder, or add its config.json to configs/ "
+                             f"and use --init random")
         print(f"\n{'!' * 78}\n!! {args.model} is not reachable on the hub and not cached ({why}).\n"
               f"!! Falling back to --init random: the exact architecture with RANDOM weights.\n"
               f"!! Speed and memory are the real model's; the loss is NOT a pretrained model's.\n{'!' * 78}\n",
               file=sys.stderr)
     local = Path(args.model) / "config.json"
-    config = AutoConfig.from_pretrained(local.parent) if local.exists() else None
-    if config is None:
-        if not config_file(args.model).exists():
-            raise InputError(f"--init random: configs/ has no architecture for {args.model} "
-                             f"(known: {', '.join(p.stem.replace('--', '/') for p in sorted(CONFIGS.glob('*.json')))})")
+    if local.exists():
+        config = AutoConfig.from_pretrained(local.parent)
+    elif config_file(args.model).exists():
         config = AutoConfig.for_model(**json.loads(config_file(args.model).read_text()))
-    tokenizer = corpus_tokenizer(texts, config.vocab_size, cache)
-    source = random_init_checkpoint(config, args.seed, cache)
+    else:
+        raise InputError(f"--init random: configs/ has no architecture for {args.model} "
+                         f"(known: {', '.join(p.stem.replace('--', '/') for p in sorted(CONFIGS.glob('*.json')))})")
     note = "random weights (hub unreachable: automatic fallback)" if args.init == "pretrained" else "random weights"
-    return source, tokenizer, "random", note
+    return ModelSource(config, None, corpus_tokenizer(texts, config.vocab_size, cache), "random", note)
 
 
 class GPTNeoSDPAttention(torch.nn.Module):
@@ -810,10 +837,9 @@ def run(recipe: Recipe, argv=None) -> dict:
         checkpoint = find_checkpoint(args) if args.resume else None
         texts = load_corpus(args.corpus)
         check_memory_budget(args.gpu_memory_gib)
-        source, tokenizer, init, init_note = resolve_model(args, texts)
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(source)
+        model_source = resolve_model(args, texts)
+        tokenizer, init, init_note, model_config = (model_source.tokenizer, model_source.init, model_source.note,
+                                                    model_source.config)
         max_positions = model_config.max_position_embeddings
         if args.seq_len > max_positions:
             raise InputError(f"--seq-len {args.seq_len} is beyond {args.model}'s {max_positions} positions")
@@ -854,6 +880,7 @@ def run(recipe: Recipe, argv=None) -> dict:
                "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len}
     wandb_run = model = trainer = crash = None
     try:
+        source = model_source.materialize(args.seed, args.cache_dir)  # before the cap: it may build on the GPU
         apply_memory_budget(args.gpu_memory_gib)
         model = load_model(source, args, device)
         fused_ce = "fused_ce" in tech and cuda

@@ -16,8 +16,9 @@ def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
     import bitsandbytes as bnb
 
     args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir)])
-    source, tokenizer, init, _ = common.resolve_model(args, common.load_corpus(args.corpus))
-    model = common.load_model(source, args, torch.device("cpu"))
+    model_source = common.resolve_model(args, common.load_corpus(args.corpus))
+    tokenizer = model_source.tokenizer
+    model = common.load_model(model_source.materialize(args.seed, cache_dir), args, torch.device("cpu"))
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 6  # 2 layers x (q, k, v, out, c_fc, c_proj)
     assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in four_bit)  # double quant

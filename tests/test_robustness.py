@@ -39,11 +39,16 @@ def start_and_signal(cmd, out, signals, after_steps=3):
         if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= after_steps:
             break
         time.sleep(0.2)
-    for sig in signals:
+    seen = []
+    for i, sig in enumerate(signals):
         proc.send_signal(sig)
-        time.sleep(0.05)
+        if i + 1 < len(signals):  # the next signal only once this one was handled (same signals coalesce)
+            for line in proc.stderr:
+                seen.append(line)
+                if "stopping after this optimizer step" in line:
+                    break
     _, err = proc.communicate(timeout=240)
-    return proc.returncode, err
+    return proc.returncode, "".join(seen) + err
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +94,8 @@ def test_second_ctrl_c_exits_at_once(tmp_path, cache_dir):
     out = tmp_path / "out"
     code, err = start_and_signal(script_cmd(out, cache_dir), out, [signal.SIGINT, signal.SIGINT])
     assert code == 130
-    assert "stopped by SIGINT" not in err  # no checkpoint, no summary: it left at once
-    assert not list(out.glob("checkpoint-*"))
+    assert "stopped by SIGINT" not in err  # it left at once: no orderly stop, no resume hint
+    assert "Traceback" not in err
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path, cache_dir, capsys):
@@ -156,3 +161,42 @@ def test_missing_wandb_logs_locally(tmp_path, cache_dir, capsys, monkeypatch):
                                       str(cache_dir)])
     assert "wandb is not installed" in capsys.readouterr().err
     assert summary["steps"] == 2 and (out / "metrics.jsonl").exists() and not (out / "wandb").exists()
+
+
+def test_model_the_hub_does_not_know_is_refused(tmp_path, cache_dir, capsys, monkeypatch):
+    import socket
+
+    import httpx
+    import transformers
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    class Reachable:
+        def close(self):
+            pass
+
+    def not_found(*args, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise OSError("not cached")
+        request = httpx.Request("GET", "https://huggingface.co/nobody/no-such-model/resolve/main/config.json")
+        raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
+                                      response=httpx.Response(404, request=request))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Reachable())
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_found)
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main(["--model", "nobody/no-such-model", "--output-dir", str(tmp_path / "out"),
+                                "--cache-dir", str(cache_dir), "--wandb", "off"])
+    assert e.value.code == 2
+    assert "the hub does not know it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_hub_and_unknown_architecture_says_what_to_do(tmp_path, cache_dir, capsys):
+    with pytest.raises(SystemExit) as e:  # HF_HUB_OFFLINE=1 (conftest): the hub is out of reach
+        lightweight_small.main(["--model", "nobody/unknown-arch", "--output-dir", str(tmp_path / "out"),
+                                "--cache-dir", str(cache_dir), "--wandb", "off"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "not cached" in err and "--init random" in err and "local folder" in err
+    assert not (tmp_path / "out").exists()
