@@ -24,8 +24,11 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def offline_wandb(monkeypatch, tmp_path):
+def isolated(monkeypatch, tmp_path):
+    """W&B offline and pointed at tmp_path; the working directory too, so a stray write would land there."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)

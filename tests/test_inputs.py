@@ -30,17 +30,6 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("input-cache")
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """W&B offline and pointed at tmp_path; the working directory too, so a stray write would land there."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
 @pytest.fixture
 def good_corpus(tmp_path):
     path = tmp_path / "good.json"
