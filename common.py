@@ -733,8 +733,8 @@ def versions() -> dict:
     return out
 
 
-def choose_micro_batch(model, args, device, fused_ce: bool) -> int:
-    """The largest micro-batch (halving from --micro-batch) whose forward and backward fit the budget.
+def choose_micro_batch(model, args, device, fused_ce: bool, largest: int) -> int:
+    """The largest micro-batch (halving from `largest`) whose forward and backward fit the budget.
 
     Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
     Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
@@ -743,7 +743,7 @@ def choose_micro_batch(model, args, device, fused_ce: bool) -> int:
     estimate = state_memory_estimate_gib(model, args.techniques)["optimizer states"]
     headroom = 0.9 * args.gpu_memory_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
-    micro = args.micro_batch
+    micro = largest
     while True:
         placeholder = None
         torch.cuda.reset_peak_memory_stats()
@@ -885,7 +885,8 @@ def run(recipe: Recipe, argv=None) -> dict:
         model = load_model(source, args, device)
         fused_ce = "fused_ce" in tech and cuda
         if "auto_micro_batch" in tech and args.gpu_memory_gib is not None and cuda:
-            args.micro_batch = choose_micro_batch(model, args, device, fused_ce)
+            largest, args.micro_batch = args.micro_batch, None  # unknown (None in the summary) until a trial fits
+            args.micro_batch = choose_micro_batch(model, args, device, fused_ce, largest)
         tokens_per_micro = args.micro_batch * args.seq_len
         accumulation = max(1, args.tokens_per_step // tokens_per_micro)
         if "compile" in tech and cuda:
