@@ -148,3 +148,30 @@ def test_flops_per_token_counts_the_real_parameters(model_id):
     layers, d = config.num_hidden_layers, config.hidden_size
     assert common.flops_per_token(config, 1024, frozen_base=False) == 6 * n + 12 * layers * d * 1024
     assert common.flops_per_token(config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024
+
+
+def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
+    """The probe halves from the requested size until a trial forward+backward fits in 90% of the budget.
+
+    CUDA's allocator is simulated on the CPU: a trial of more than 4 sequences raises OutOfMemoryError, and a
+    trial of 4 reports a peak above 90% of the budget, so 2 is the answer."""
+    args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir), "--gpu-memory-gib", "1"])
+    source = common.resolve_model(args, common.load_corpus(args.corpus)).materialize(args.seed, cache_dir)
+    model = common.load_model(source, args, torch.device("cpu"))
+    tried, peak = [], {"bytes": 0}
+    real_loss = common.lm_loss_sum
+
+    def loss(hidden, weight, labels, fused):
+        tried.append(hidden.shape[0])
+        if hidden.shape[0] > 4:
+            raise torch.OutOfMemoryError("simulated")
+        peak["bytes"] = (0.95 if hidden.shape[0] == 4 else 0.5) * common.GIB
+        return real_loss(hidden, weight, labels, fused)
+
+    monkeypatch.setattr(common, "lm_loss_sum", loss)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+    assert common.choose_micro_batch(model, args, torch.device("cpu"), fused_ce=False, largest=16) == 2
+    assert tried == [16, 8, 4, 2]
+    assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind
