@@ -111,15 +111,12 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
 
 def sweep(script: str, workdir: Path, save) -> None:
     """Smallest --gpu-memory-gib (0.5 GiB steps) at which `script` trains SWEEP_STEPS steps."""
-    trained = {}
-
     def trial(budget):
         row = run_one(dict(name=f"{script}-sweep-{budget:g}gib", script=script,
                            argv=["--max-steps", str(SWEEP_STEPS), "--gpu-memory-gib", f"{budget:g}"]), workdir)
         row["sweep"] = True
         save(row)
-        trained[budget] = row["error"] is None and not row["oom"]
-        return trained[budget]
+        return row["error"] is None and not row["oom"]
 
     uncapped = run_one(dict(name=f"{script}-sweep-peak", script=script, argv=["--max-steps", str(SWEEP_STEPS)]), workdir)
     budget = max(0.5, math.ceil((uncapped["peak_memory_gib"] or 1) * 2) / 2)

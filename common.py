@@ -9,6 +9,7 @@ out-of-memory report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import hashlib
@@ -33,7 +34,7 @@ WANDB_PROJECT = "lightweight-finetune"
 EVAL_BLOCK = 512  # held-out tokens are packed into blocks of this length, the same for every script
 EVAL_EVERY_RECORD = 20  # every 20th corpus record is held out (5%), whatever the seed
 GIB = 2**30
-H200_BF16_TFLOPS = 790.0  # bf16 matrix rate measured on the benchmark H200 (see ../shared/gpu/README.md)
+H200_BF16_TFLOPS = 790.0  # bf16 matrix rate measured on the benchmark H200 (8192^3 matmuls, random data)
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
@@ -107,12 +108,13 @@ def parse_args(recipe: Recipe, argv=None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, default=recipe.tokens_per_step,
                    help="token slots per optimizer step (micro-batch x seq-len x accumulation)")
     p.add_argument("--lr", type=float, default=recipe.learning_rate, help="peak learning rate (linear decay)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: four times per run); always at the end")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: about four times per run); always at the end")
     p.add_argument("--logging-steps", type=int, default=1, help="log every N optimizer steps")
     p.add_argument("--checkpoint-layers", type=int, default=None,
                    help="with grad_checkpointing: how many transformer layers to checkpoint (default: all)")
-    p.add_argument("--off", action="append", default=[], metavar="TECHNIQUE", choices=sorted(recipe.techniques) or ["-"],
-                   help="switch one of this recipe's techniques off (repeatable): " + ", ".join(recipe.techniques))
+    if recipe.techniques:
+        p.add_argument("--off", action="append", default=[], metavar="TECHNIQUE", choices=sorted(recipe.techniques),
+                       help="switch one of this recipe's techniques off (repeatable): " + ", ".join(recipe.techniques))
     p.add_argument("--on", action="append", default=[], metavar="TECHNIQUE",
                    choices=sorted(set(TECHNIQUES) - set(recipe.techniques)),
                    help="switch on a technique this recipe does not use (for experiments)")
@@ -126,6 +128,7 @@ def parse_args(recipe: Recipe, argv=None) -> argparse.Namespace:
                    help="continue from the newest checkpoint in --output-dir: same data order, optimizer, schedule, "
                         "metrics.jsonl and W&B run")
     args = p.parse_args(argv)
+    args.off = getattr(args, "off", [])
     args.techniques = tuple(t for t in recipe.techniques if t not in args.off) + tuple(dict.fromkeys(args.on))
     args.script, args.recipe_model, args.recipe_techniques = recipe.script, recipe.model, recipe.techniques
     args.lora_rank, args.lora_alpha = recipe.lora_rank, recipe.lora_alpha
@@ -159,6 +162,17 @@ def validate_args(args) -> None:
         problems.append(f"--output-dir {args.output_dir}: {nearest} is a file")
     if "nf4" in args.techniques and "lora" not in args.techniques:
         problems.append("nf4 needs lora: 4-bit weights cannot be trained directly")
+    if "kbit_prep" in args.techniques and "lora" not in args.techniques:
+        problems.append("kbit_prep needs lora: it freezes the base model")
+    if args.checkpoint_layers is not None and (args.checkpoint_layers < 0 or "grad_checkpointing" not in args.techniques):
+        problems.append("--checkpoint-layers takes a count >= 0 and needs the grad_checkpointing technique")
+    if args.micro_batch > 0 and args.seq_len > 0 and args.tokens_per_step % (args.micro_batch * args.seq_len):
+        problems.append(f"--tokens-per-step {args.tokens_per_step} is not a multiple of --micro-batch x --seq-len "
+                        f"({args.micro_batch} x {args.seq_len}): accumulation could not keep it")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The loss calls the model body directly (to feed the fused loss hidden states), which bypasses the
+        # DistributedDataParallel wrapper and its gradient all-reduce: multi-process training would be wrong.
+        problems.append("multi-process training (WORLD_SIZE > 1) is not supported: run one process per GPU")
     if problems:
         raise InputError("; ".join(problems))
 
@@ -215,10 +229,8 @@ def split_heldout(records: list) -> tuple[list, list]:
 
 
 def _sha(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode())
-    return h.hexdigest()[:16]
+    """A short content hash; parts are JSON-encoded, so ("ab", "c") and ("a", "bc") differ."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
 def corpus_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path):
@@ -320,7 +332,7 @@ def hub_reachable(model_id: str) -> tuple[bool, str]:
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     from transformers import AutoConfig
 
     try:
@@ -328,19 +340,23 @@ def hub_reachable(model_id: str) -> tuple[bool, str]:
         return True, ""
     except OSError:
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False, "HF_HUB_OFFLINE is set"
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as e:
-        return False, f"cannot connect to {host}: {e}"
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(flag, "0").lower() in ("1", "true", "yes", "on"):
+            return False, f"{flag} is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
+    if not proxied:  # through a proxy only the hub client itself can tell
+        try:
+            port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+            socket.create_connection((endpoint.hostname, port), timeout=3).close()
+        except OSError as e:
+            return False, f"cannot connect to {endpoint.hostname}: {e}"
     try:
         AutoConfig.from_pretrained(model_id)
         return True, ""
-    except RepositoryNotFoundError:
-        raise InputError(f"model {model_id}: the hub does not know it (check the id, or pass a local path)") from None
-    except OSError as e:
+    except OSError as e:  # transformers wraps the hub's errors in OSError
+        if isinstance(e.__cause__, RepositoryNotFoundError) and not isinstance(e.__cause__, GatedRepoError):
+            raise InputError(f"model {model_id}: the hub does not know it (check the id, or pass a local path)") from None
         return False, str(e).splitlines()[0]
 
 
@@ -453,10 +469,11 @@ def use_gpt_neo_sdpa(model) -> int:
     """Swap every GPT-Neo eager self-attention for GPTNeoSDPAttention; returns how many."""
     from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
+    sdpa_class = type("GPTNeoSDPAttention", (GPTNeoSDPAttention, GPTNeoSelfAttention), {})
     swapped = 0
     for module in model.modules():
         if type(module) is GPTNeoSelfAttention:
-            module.__class__ = type("GPTNeoSDPAttention", (GPTNeoSDPAttention, GPTNeoSelfAttention), {})
+            module.__class__ = sdpa_class
             swapped += 1
     return swapped
 
@@ -467,12 +484,12 @@ def causal_lm_parts(model):
     return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
 
 
-def load_model(source, args, device):
-    """Load `source` through `from_pretrained` with the recipe's precision, attention and adapters."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+def load_model(source, config, args, device):
+    """Load `source` (of architecture `config`) through `from_pretrained` with the recipe's precision,
+    attention and adapters."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tech = set(args.techniques)
-    config = AutoConfig.from_pretrained(source)
     kwargs = dict(dtype=torch.float32, use_cache=False)
     if "lora" in tech:
         kwargs["dtype"] = torch.bfloat16 if args.half_dtype == torch.bfloat16 else torch.float16
@@ -567,13 +584,13 @@ def cuda_memory_gib() -> dict:
 
 
 def make_trainer_class():
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
     class ExperimentTrainer(Trainer):
         """Trainer with this repo's loss (optionally fused) and its measurements at every log.
 
         tokens/s counts tokens that carry loss (not padding) over the wall time since the last log,
-        evaluation time excluded; step_seconds is that time per optimizer step.
+        evaluation and checkpoint-saving time excluded; step_seconds is that time per optimizer step.
         """
 
         def __init__(self, *a, fused_ce=False, flops_per_token=None, peak_tflops=None, metrics_path=None, **kw):
@@ -589,7 +606,14 @@ def make_trainer_class():
             self._pending_tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
             self._window_start = None
             self._window_step = 0
-            self._eval_seconds = 0.0
+            self._paused_seconds = 0.0  # evaluation and checkpoint saving inside the current window
+            trainer = self
+
+            class WindowStart(TrainerCallback):
+                def on_train_begin(self, args, state, control, **kwargs):  # after a resumed state is loaded
+                    trainer._window_start, trainer._window_step = time.perf_counter(), state.global_step
+
+            self.add_callback(WindowStart())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
@@ -604,27 +628,33 @@ def make_trainer_class():
                 self._pending_tokens += counted
             return (loss, {}) if return_outputs else loss
 
-        def train(self, *a, **kw):
-            self._window_start = time.perf_counter()
-            self._window_step = self.state.global_step
-            return super().train(*a, **kw)
-
-        def evaluate(self, *a, **kw):
+        @contextlib.contextmanager
+        def _paused(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # queued training kernels belong to the training window
             start = time.perf_counter()
             try:
-                return super().evaluate(*a, **kw)
+                yield
             finally:
-                self._eval_seconds += time.perf_counter() - start
+                self._paused_seconds += time.perf_counter() - start
+
+        def evaluate(self, *a, **kw):
+            with self._paused():
+                return super().evaluate(*a, **kw)
+
+        def _save_checkpoint(self, *a, **kw):
+            with self._paused():
+                return super()._save_checkpoint(*a, **kw)
 
         def log(self, logs, start_time=None):
             logs = dict(logs)
             if "loss" in logs and self._window_start is not None:  # a training log: close the window
                 tokens = int(self._pending_tokens.item())  # .item() synchronizes: the window's work is done
                 now = time.perf_counter()
-                seconds = now - self._window_start - self._eval_seconds
+                seconds = now - self._window_start - self._paused_seconds
                 steps = max(1, self.state.global_step - self._window_step)
                 self._pending_tokens.zero_()
-                self._window_start, self._window_step, self._eval_seconds = now, self.state.global_step, 0.0
+                self._window_start, self._window_step, self._paused_seconds = now, self.state.global_step, 0.0
                 self.tokens_trained += tokens
                 self.windows.append((self.state.global_step, tokens, seconds))
                 logs.update(tokens_per_second=tokens / seconds, step_seconds=seconds / steps,
@@ -650,6 +680,23 @@ def make_trainer_class():
 # ----------------------------------------------------------------------------- W&B
 
 
+def wandb_credentials() -> bool:
+    """Whether W&B has an API key here: WANDB_API_KEY, or a netrc entry for its host (where `wandb login` writes)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    for path in (os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"):
+        try:
+            if path and Path(path).exists() and netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
 def start_wandb(args, config: dict, id_file: Path):
     """Start the run (project WANDB_PROJECT or WANDB_PROJECT default, group = script) or return None.
 
@@ -664,9 +711,7 @@ def start_wandb(args, config: dict, id_file: Path):
         return None
     mode = None if args.wandb == "auto" else args.wandb
     if mode is None and "WANDB_MODE" not in os.environ:  # an explicit WANDB_MODE is the user's choice
-        netrc = Path.home() / ".netrc"
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-        mode = "online" if has_key else "offline"
+        mode = "online" if wandb_credentials() else "offline"
     run_id = id_file.read_text().strip() if args.resume and id_file.exists() else uuid.uuid4().hex[:8]
     kwargs = dict(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=args.script, job_type="train",
                   name=f"{args.script}-{run_id}", id=run_id, resume="allow", config=config, dir=args.output_dir)
@@ -768,15 +813,23 @@ def choose_micro_batch(model, args, device, fused_ce: bool, largest: int) -> int
             torch.cuda.reset_peak_memory_stats()
 
 
-def find_checkpoint(args) -> str:
-    """The newest checkpoint-N folder in --output-dir, for --resume (InputError when there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def complete_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders in `out`, oldest first, that were written to the end (trainer_state.json is last)."""
+    found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if out.is_dir() else []
+    return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[-1]))
 
+
+def find_checkpoint(args) -> str | None:
+    """For --resume, the newest complete checkpoint in --output-dir; without --resume, make sure there is none
+    (a fresh run there would leave an older run's checkpoints for a later --resume to pick up)."""
     out = Path(args.output_dir)
-    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if checkpoint is None:
-        raise InputError(f"--resume: no checkpoint-N folder in {out} to resume from (run without --resume first)")
-    return checkpoint
+    checkpoints = complete_checkpoints(out)
+    if args.resume and not checkpoints:
+        raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume first)")
+    if not args.resume and checkpoints:
+        raise InputError(f"--output-dir {out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         f"or choose another --output-dir (or delete them)")
+    return str(checkpoints[-1]) if args.resume else None
 
 
 def restart_metrics(path: Path, resume_step: int | None) -> int:
@@ -810,9 +863,9 @@ class StopOnSignal:
         if self.signum is not None and signum == signal.SIGINT:
             os._exit(128 + signum)  # second Ctrl-C: no checkpoint, no cleanup
         self.signum = signum
-        print(f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
-              + (" and saving a checkpoint" if self.save else "") + " (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+        message = (f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
+                   + (" and saving a checkpoint" if self.save else "") + " (Ctrl-C again to quit at once)\n")
+        os.write(sys.stderr.fileno(), message.encode())  # not print: the signal may interrupt a stderr write
 
     def callback(self):
         from transformers import TrainerCallback
@@ -824,6 +877,8 @@ class StopOnSignal:
                 if stopper.signum is not None:
                     control.should_training_stop = True
                     control.should_save = stopper.save
+                if control.should_training_stop or state.global_step >= state.max_steps:
+                    control.should_log = True  # the steps since the last log are counted, not lost
 
         return StopCallback()
 
@@ -834,7 +889,7 @@ def run(recipe: Recipe, argv=None) -> dict:
     args = parse_args(recipe, argv)
     try:
         validate_args(args)
-        checkpoint = find_checkpoint(args) if args.resume else None
+        checkpoint = find_checkpoint(args)
         texts = load_corpus(args.corpus)
         check_memory_budget(args.gpu_memory_gib)
         model_source = resolve_model(args, texts)
@@ -861,8 +916,8 @@ def run(recipe: Recipe, argv=None) -> dict:
     tech = set(args.techniques)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if "tf32" in tech and cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cuda:  # set both ways: a process that runs several recipes (benchmark.py) must not inherit TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "tf32" in tech
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -879,10 +934,11 @@ def run(recipe: Recipe, argv=None) -> dict:
     summary = {"script": recipe.script, "model": args.model, "init": init, "oom": False,
                "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len}
     wandb_run = model = trainer = crash = None
+    trainable = total = None
     try:
         source = model_source.materialize(args.seed, args.cache_dir)  # before the cap: it may build on the GPU
         apply_memory_budget(args.gpu_memory_gib)
-        model = load_model(source, args, device)
+        model = load_model(source, model_config, args, device)
         fused_ce = "fused_ce" in tech and cuda
         if "auto_micro_batch" in tech and args.gpu_memory_gib is not None and cuda:
             largest, args.micro_batch = args.micro_batch, None  # unknown (None in the summary) until a trial fits
@@ -908,7 +964,7 @@ def run(recipe: Recipe, argv=None) -> dict:
         wandb_run = start_wandb(args, run_config, out / "wandb_run_id.txt")
         steps_per_epoch = math.ceil(len(train_ds) / (args.micro_batch * accumulation))
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
-        eval_every = args.eval_every or max(1, total_steps // 4)
+        eval_every = args.eval_every or math.ceil(total_steps / 4)
         optim = ("paged_adamw_8bit" if "paged_adamw_8bit" in tech
                  else "adamw_torch_fused" if "fused_adamw" in tech else recipe.optimizer)
         drop_last = "compile" in tech and cuda  # a smaller last micro-batch would trigger a recompile
@@ -926,6 +982,7 @@ def run(recipe: Recipe, argv=None) -> dict:
             disable_tqdm=False, remove_unused_columns=False,
             dataloader_drop_last=drop_last,
         )
+        training_args._n_gpu = min(training_args.n_gpu, 1)  # one GPU per run: no DataParallel over the others
         trainer = make_trainer_class()(
             model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
             fused_ce=fused_ce, flops_per_token=flops_per_token(model_config, args.seq_len, "lora" in tech),
@@ -938,9 +995,6 @@ def run(recipe: Recipe, argv=None) -> dict:
             result = trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.signum is not None:
             summary["interrupted"] = signal.Signals(stopper.signum).name
-        elif not any("eval_loss" in h and h.get("step") == trainer.state.global_step
-                     for h in trainer.state.log_history):
-            trainer.evaluate()
         train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         summary.update(
@@ -951,6 +1005,8 @@ def run(recipe: Recipe, argv=None) -> dict:
             final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step)
     except torch.OutOfMemoryError:
         summary["oom"] = True
+        if trainer is not None:
+            summary.update(steps=trainer.state.global_step, tokens_trained=trainer.tokens_trained)
     except Exception as e:  # a crash still leaves summary.json and the W&B run consistent, then shows its traceback
         crash = e
         summary["error"] = f"{type(e).__name__}: {e}"
@@ -963,7 +1019,7 @@ def run(recipe: Recipe, argv=None) -> dict:
         if steady and trainer.peak_tflops:
             summary["mfu"] = steady * fpt / (trainer.peak_tflops * 1e12)
     if model is not None:
-        summary["trainable_params"], summary["total_params"] = parameter_counts(model)
+        summary["trainable_params"], summary["total_params"] = trainable, total
         estimate = state_memory_estimate_gib(model, args.techniques)
     summary.update(micro_batch=args.micro_batch, peak_memory_gib=peak,
                    script_seconds=time.perf_counter() - script_start)

@@ -154,7 +154,7 @@ def test_zero_epochs_exits_2(good_corpus, cache, tmp_path, capsys):
 
 
 def test_seq_len_beyond_model_positions_exits_2(good_corpus, cache, tmp_path, capsys):
-    line = refused(base_args(good_corpus, cache, tmp_path) + ["--seq-len", "5000"], capsys, tmp_path)
+    line = refused(base_args(good_corpus, cache, tmp_path) + ["--seq-len", "5000", "--tokens-per-step", "10000"], capsys, tmp_path)
     assert "--seq-len 5000" in line and "1024 positions" in line
 
 
@@ -177,7 +177,7 @@ def test_refusal_comes_before_building_the_model(good_corpus, tmp_path, capsys):
     """validate_args promises refusal 'before any work is done': a fresh cache gets no model for a refused run."""
     fresh = tmp_path / "fresh-cache"
     with pytest.raises(SystemExit):
-        before_small.main(base_args(good_corpus, fresh, tmp_path) + ["--seq-len", "5000"])
+        before_small.main(base_args(good_corpus, fresh, tmp_path) + ["--seq-len", "5000", "--tokens-per-step", "10000"])
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.strip()] == [
         "before_small: error: --seq-len 5000 is beyond tiny's 1024 positions"]

@@ -18,7 +18,8 @@ def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
     args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir)])
     model_source = common.resolve_model(args, common.load_corpus(args.corpus))
     tokenizer = model_source.tokenizer
-    model = common.load_model(model_source.materialize(args.seed, cache_dir), args, torch.device("cpu"))
+    model = common.load_model(model_source.materialize(args.seed, cache_dir), model_source.config, args,
+                              torch.device("cpu"))
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 6  # 2 layers x (q, k, v, out, c_fc, c_proj)
     assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in four_bit)  # double quant
@@ -156,8 +157,9 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     CUDA's allocator is simulated on the CPU: a trial of more than 4 sequences raises OutOfMemoryError, and a
     trial of 4 reports a peak above 90% of the budget, so 2 is the answer."""
     args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir), "--gpu-memory-gib", "1"])
-    source = common.resolve_model(args, common.load_corpus(args.corpus)).materialize(args.seed, cache_dir)
-    model = common.load_model(source, args, torch.device("cpu"))
+    model_source = common.resolve_model(args, common.load_corpus(args.corpus))
+    model = common.load_model(model_source.materialize(args.seed, cache_dir), model_source.config, args,
+                              torch.device("cpu"))
     tried, peak = [], {"bytes": 0}
     real_loss = common.lm_loss_sum
 

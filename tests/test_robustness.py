@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+import common
 import lightweight_small
 from conftest import TINY
 
@@ -103,7 +103,7 @@ def test_resume_without_checkpoint_is_refused(tmp_path, cache_dir, capsys):
         lightweight_small.main([*TINY, "--output-dir", str(tmp_path / "empty"), "--cache-dir", str(cache_dir),
                                 "--resume", "--wandb", "off"])
     assert e.value.code == 2
-    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert "--resume: no complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
 
 
@@ -178,8 +178,10 @@ def test_model_the_hub_does_not_know_is_refused(tmp_path, cache_dir, capsys, mon
         if kwargs.get("local_files_only"):
             raise OSError("not cached")
         request = httpx.Request("GET", "https://huggingface.co/nobody/no-such-model/resolve/main/config.json")
-        raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
-                                      response=httpx.Response(404, request=request))
+        cause = RepositoryNotFoundError("404 Client Error: Repository Not Found",
+                                        response=httpx.Response(404, request=request))
+        # as transformers 5.17 does (utils/hub.py): the hub's error wrapped in an OSError
+        raise OSError("nobody/no-such-model is not a local folder and is not a valid model identifier") from cause
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Reachable())
@@ -200,3 +202,25 @@ def test_no_hub_and_unknown_architecture_says_what_to_do(tmp_path, cache_dir, ca
     err = capsys.readouterr().err
     assert "not cached" in err and "--init random" in err and "local folder" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path, cache_dir, capsys):
+    out = tmp_path / "out"
+    argv = [*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir", str(cache_dir), "--wandb", "off"]
+    lightweight_small.main(argv)
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main(argv)
+    assert e.value.code == 2 and "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path, cache_dir, capsys):
+    out = tmp_path / "out"
+    argv = [*TINY, "--max-steps", "4", "--save-every", "2", "--output-dir", str(out), "--cache-dir",
+            str(cache_dir), "--wandb", "off"]
+    lightweight_small.main(argv)
+    (out / "checkpoint-4" / "trainer_state.json").unlink()  # as if killed while saving
+    args = common.parse_args(lightweight_small.RECIPE, [*argv, "--resume"])
+    assert Path(common.find_checkpoint(args)).name == "checkpoint-2"
