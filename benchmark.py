@@ -170,7 +170,10 @@ def report(results: dict) -> None:
         lines.append(f"| {r['name']} | {r.get('ablation') or ''} | {fmt(r.get('budget_gib'), 'g')} | {fmt(r.get('micro_batch'), 'd')} "
                      f"| {fmt(r.get('tokens_per_second'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} "
                      f"| {fmt(r.get('peak_memory_gib'), '.2f')} | {fmt(r.get('eval_loss'), '.4f')} | {'yes' if r.get('oom') else ''}"
-                     + (f" {r['error']}" if r.get("error") else "") + " |")
+                     + (f" {r['error']}" if r.get("error") else "") + (" (caveat)" if r.get("caveat") else "") + " |")
+    caveats = [f"- {r['name']}: {r['caveat']}" for r in results["runs"] if r.get("caveat")]
+    if caveats:
+        lines += ["\nCaveats:\n", *caveats]
     sweeps = {}
     for r in results["runs"]:
         if r.get("sweep") and not r.get("oom") and not r.get("error"):
@@ -206,7 +209,8 @@ def report(results: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, script in zip(axes, ("lightweight_small", "lightweight_big")):
-        rows = [r for r in results["runs"] if r["script"] == script and r.get("ablation")]
+        rows = [r for r in results["runs"] if r["script"] == script and r.get("ablation")
+                and "INVALID" not in (r.get("caveat") or "")]
         full = runs.get(script)
         if full:
             rows = [dict(full, ablation="(all on)")] + rows
