@@ -1,6 +1,6 @@
 """Plain full fine-tuning of GPT-Neo 1.3B, as before_small.py: fp32, padded batches, library defaults.
 
-Weights, gradients and AdamW states alone take about 21 GiB, so it runs out of memory on a 16 GiB GPU
+Weights, gradients and AdamW states alone take about 20 GiB (19.6), so it runs out of memory on a 16 GiB GPU
 (try `--gpu-memory-gib 16`): the original experiment's result.
 
     python before_big.py --help
