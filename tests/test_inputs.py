@@ -202,3 +202,15 @@ def test_corpus_directory_and_bad_json_lines_line_are_named(tmp_path, cache, cap
     jsonl.write_text('{"text": "one"}\n{"text": "two"}\n{"text": oops}\n')
     line = refused(base_args(jsonl, cache, tmp_path), capsys, tmp_path)
     assert "line 3" in line and str(jsonl) in line
+
+
+@pytest.mark.parametrize("gib, phrase", [("0", "must be positive"), ("-2", "must be positive"),
+                                         ("200", "more than this GPU has")])
+def test_gpu_budget_out_of_range_exits_2(gib, phrase, good_corpus, cache, tmp_path, capsys, monkeypatch):
+    """A pretend 16 GiB GPU, so the range check runs on the CPU too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"total_memory": 16 * common.GIB})())
+    line = refused(base_args(good_corpus, cache, tmp_path) + ["--gpu-memory-gib", gib], capsys, tmp_path)
+    assert "--gpu-memory-gib" in line and phrase in line
