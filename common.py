@@ -659,13 +659,20 @@ def make_trainer_class():
                 self.windows.append((self.state.global_step, tokens, seconds))
                 logs.update(tokens_per_second=tokens / seconds, step_seconds=seconds / steps,
                             tokens_trained=self.tokens_trained)
-                if self.flops_per_token and self.peak_tflops:
-                    logs["mfu"] = tokens / seconds * self.flops_per_token / (self.peak_tflops * 1e12)
+                mfu = self.mfu(tokens / seconds)
+                if mfu is not None:
+                    logs["mfu"] = mfu
             logs.update(cuda_memory_gib())
             if self.metrics_path is not None:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
             super().log(logs, start_time)
+
+        def mfu(self, tokens_per_second: float) -> float | None:
+            """Model FLOPs utilization: tokens/s x FLOPs per token / the GPU's peak (None where it is unknown)."""
+            if not (self.flops_per_token and self.peak_tflops):
+                return None
+            return tokens_per_second * self.flops_per_token / (self.peak_tflops * 1e12)
 
         def steady_tokens_per_second(self, warmup_steps: int) -> float | None:
             """tokens/s over the windows that end after `warmup_steps` (compilation and allocator warm-up)."""
@@ -1003,21 +1010,17 @@ def run(recipe: Recipe, argv=None) -> dict:
             steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(5, total_steps // 3)),
             final_train_loss=train_losses[-1] if train_losses else None,
             final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step)
-    except torch.OutOfMemoryError:
-        summary["oom"] = True
-        if trainer is not None:
-            summary.update(steps=trainer.state.global_step, tokens_trained=trainer.tokens_trained)
-    except Exception as e:  # a crash still leaves summary.json and the W&B run consistent, then shows its traceback
-        crash = e
-        summary["error"] = f"{type(e).__name__}: {e}"
+    except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
+        if isinstance(e, torch.OutOfMemoryError):
+            summary["oom"] = True
+        else:
+            crash = e  # re-raised below, with its traceback
+            summary["error"] = f"{type(e).__name__}: {e}"
         if trainer is not None:
             summary.update(steps=trainer.state.global_step, tokens_trained=trainer.tokens_trained)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
-    if trainer is not None:
-        fpt = trainer.flops_per_token
-        steady = summary.get("steady_tokens_per_second")
-        if steady and trainer.peak_tflops:
-            summary["mfu"] = steady * fpt / (trainer.peak_tflops * 1e12)
+    if trainer is not None and summary.get("steady_tokens_per_second"):
+        summary["mfu"] = trainer.mfu(summary["steady_tokens_per_second"])
     if model is not None:
         summary["trainable_params"], summary["total_params"] = trainable, total
         estimate = state_memory_estimate_gib(model, args.techniques)
