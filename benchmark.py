@@ -39,7 +39,8 @@ SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tok
 def ablations(script, steps):
     recipe = importlib.import_module(script).RECIPE
     skip = {"lora", "auto_micro_batch"}  # nf4 cannot train without lora; auto_micro_batch acts only under a budget
-    return [dict(name=f"{script}-no-{t}", script=script, ablation=t, argv=["--max-steps", str(steps), "--eval-every", str(steps), "--off", t])
+    return [dict(name=f"{script}-no-{t}", script=script, ablation=t,
+                 argv=["--max-steps", str(steps), "--eval-every", str(steps), "--off", t])
             for t in recipe.techniques if t not in skip]
 
 

@@ -451,13 +451,11 @@ class GPTNeoSDPAttention(torch.nn.Module):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        mask = None
-        if self.attention_type == "local":
-            mask = self.bias[:, :, :length, :length]  # causal and within the window (True: attend)
+        mask = None  # None: plain causal attention (is_causal below)
+        if self.attention_type == "local" or attention_mask is not None:
+            mask = self.bias[:, :, :length, :length]  # causal, and within the window on local layers (True: attend)
         if attention_mask is not None:  # padding: eager passes an additive mask (0 keep, min drop)
-            keep = attention_mask >= 0 if attention_mask.dtype != torch.bool else attention_mask
-            causal = self.bias[:, :, :length, :length]
-            mask = keep & (causal if mask is None else mask)
+            mask = mask & (attention_mask >= 0 if attention_mask.dtype != torch.bool else attention_mask)
         dropout = self.attn_dropout.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                              is_causal=mask is None, scale=1.0)
