@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -132,6 +133,9 @@ def parse_args(recipe: Recipe, argv=None) -> argparse.Namespace:
     args.techniques = tuple(t for t in recipe.techniques if t not in args.off) + tuple(dict.fromkeys(args.on))
     args.script, args.recipe_model, args.recipe_techniques = recipe.script, recipe.model, recipe.techniques
     args.lora_rank, args.lora_alpha = recipe.lora_rank, recipe.lora_alpha
+    # torchrun and `accelerate launch` describe the process group in the environment; one process: 1, 0, 0
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank, args.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     args.half_dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
     return args
@@ -166,13 +170,13 @@ def validate_args(args) -> None:
         problems.append("kbit_prep needs lora: it freezes the base model")
     if args.checkpoint_layers is not None and (args.checkpoint_layers < 0 or "grad_checkpointing" not in args.techniques):
         problems.append("--checkpoint-layers takes a count >= 0 and needs the grad_checkpointing technique")
-    if args.micro_batch > 0 and args.seq_len > 0 and args.tokens_per_step % (args.micro_batch * args.seq_len):
-        problems.append(f"--tokens-per-step {args.tokens_per_step} is not a multiple of --micro-batch x --seq-len "
-                        f"({args.micro_batch} x {args.seq_len}): accumulation could not keep it")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The loss calls the model body directly (to feed the fused loss hidden states), which bypasses the
-        # DistributedDataParallel wrapper and its gradient all-reduce: multi-process training would be wrong.
-        problems.append("multi-process training (WORLD_SIZE > 1) is not supported: run one process per GPU")
+    if args.micro_batch > 0 and args.seq_len > 0 and args.tokens_per_step % (args.micro_batch * args.seq_len * args.world_size):
+        processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
+        problems.append(f"--tokens-per-step {args.tokens_per_step} is not a multiple of --micro-batch x --seq-len{processes} "
+                        f"({args.micro_batch} x {args.seq_len}{processes}): accumulation could not keep it")
+    if args.gpu_memory_gib is not None and "auto_micro_batch" in args.techniques and args.world_size > 1:
+        problems.append("auto_micro_batch under --gpu-memory-gib works in one process only (each process could choose "
+                        "another size): pass --micro-batch, or --off auto_micro_batch")
     if problems:
         raise InputError("; ".join(problems))
 
@@ -247,7 +251,9 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tok.save(str(path))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: processes of one launch may race here
+        tok.save(str(tmp))
+        tmp.replace(path)
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
@@ -261,7 +267,7 @@ def tokenize_records(tokenizer, texts: list[str], cache_dir: Path) -> list[np.nd
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     records = [np.asarray(r + [tokenizer.eos_token_id], dtype=np.int32) for r in ids]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")  # atomic, as above
     np.savez(tmp, ids=np.concatenate(records), ends=np.cumsum([len(r) for r in records]))
     tmp.replace(path)
     return records
@@ -374,10 +380,15 @@ def random_init_checkpoint(config, seed: int, cache_dir: Path) -> Path:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 1.3B weights is much faster there
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)  # keeps the key
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
         model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 on disk halves the write; loading upcasts as asked
         del model
-        tmp.replace(folder)
+        try:
+            tmp.replace(folder)
+        except OSError:  # another process of the same launch finished first: same seed, same weights
+            if not (folder / "config.json").exists():
+                raise
+            shutil.rmtree(tmp)
     return folder
 
 
@@ -482,6 +493,29 @@ def causal_lm_parts(model):
     return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
 
 
+def put_loss_in_forward(model, fused: bool) -> None:
+    """Make the model's forward return this repo's loss (fused or plain, see `lm_loss_sum`) and no logits.
+
+    Replaces the causal LM's own forward (under peft, the wrapped model's), so that `model(input_ids=...,
+    labels=...)` through peft, accelerate's autocast, DistributedDataParallel or FSDP runs it: DDP synchronizes
+    gradients, and FSDP gathers the sharded weights (the tied output embedding too), only for work done inside
+    a forward call. The loss is summed over predicted tokens and divided by `num_items_in_batch` (the Trainer's
+    count over the whole accumulated step and all processes) or, without it, by this batch's count.
+    """
+    from transformers.modeling_outputs import CausalLMOutput
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **unused):
+        body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        loss = lm_loss_sum(hidden, head.weight, labels, fused)
+        count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+        return CausalLMOutput(loss=loss / count)
+
+    hf.forward = forward
+
+
 def load_model(source, config, args, device):
     """Load `source` (of architecture `config`) through `from_pretrained` with the recipe's precision,
     attention and adapters."""
@@ -495,7 +529,7 @@ def load_model(source, config, args, device):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": device}  # this process's GPU (one per process under torchrun)
     if config.model_type == "gpt_neo":
         kwargs["attn_implementation"] = "eager"  # the only one transformers has here; sdpa is swapped in below
         if "fast_gelu" in tech:  # gelu_new == tanh-approximated GELU; gelu_pytorch_tanh is PyTorch's fused kernel
@@ -507,6 +541,9 @@ def load_model(source, config, args, device):
         model.to(device)
     if config.model_type == "gpt_neo" and "sdpa" in tech:
         use_gpt_neo_sdpa(model)
+        # masks as for SDPA: None without padding (so global layers take the flash kernel through is_causal),
+        # else a boolean B x 1 x T x T, instead of eager's float mask built every step
+        model.config._attn_implementation = "sdpa"
     if "kbit_prep" in tech:
         from peft import prepare_model_for_kbit_training
 
@@ -517,6 +554,7 @@ def load_model(source, config, args, device):
         model = get_peft_model(model, LoraConfig(
             r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
             target_modules=LORA_TARGETS[config.model_type], task_type="CAUSAL_LM"))
+    put_loss_in_forward(model, fused="fused_ce" in tech and device.type == "cuda")
     if "grad_checkpointing" in tech:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is not None
@@ -591,14 +629,12 @@ def make_trainer_class():
         evaluation and checkpoint-saving time excluded; step_seconds is that time per optimizer step.
         """
 
-        def __init__(self, *a, fused_ce=False, flops_per_token=None, peak_tflops=None, metrics_path=None, **kw):
+        def __init__(self, *a, flops_per_token=None, peak_tflops=None, metrics_path=None, **kw):
             super().__init__(*a, **kw)
-            self.model_accepts_loss_kwargs = True  # our loss divides by the tokens of the whole accumulated step
-            self.fused_ce = fused_ce
+            self.model_accepts_loss_kwargs = True  # our forward divides by the tokens of the whole accumulated step
             self.flops_per_token = flops_per_token
             self.peak_tflops = peak_tflops
-            self.metrics_path = metrics_path
-            self.body, self.lm_head = causal_lm_parts(self.model)
+            self.metrics_path = metrics_path  # None on every process but the first
             self.tokens_trained = 0
             self.windows = []  # (end_step, tokens, seconds) per training log
             self._pending_tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
@@ -614,17 +650,9 @@ def make_trainer_class():
             self.add_callback(WindowStart())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs["labels"]
-            # accelerate applies mixed precision by wrapping model.forward; the body is called directly, so here
-            with self.accelerator.autocast():
-                hidden = self.body(input_ids=inputs["input_ids"],
-                                   attention_mask=inputs.get("attention_mask")).last_hidden_state
-                loss = lm_loss_sum(hidden, self.lm_head.weight, labels, self.fused_ce)
-            counted = (labels[:, 1:] != -100).sum()
-            loss = loss / (num_items_in_batch if num_items_in_batch is not None else counted)
-            if model.training:
-                self._pending_tokens += counted
-            return (loss, {}) if return_outputs else loss
+            if model.training:  # the loss itself is the model's forward (put_loss_in_forward)
+                self._pending_tokens += (inputs["labels"][:, 1:] != -100).sum()
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         @contextlib.contextmanager
         def _paused(self):
@@ -647,7 +675,8 @@ def make_trainer_class():
         def log(self, logs, start_time=None):
             logs = dict(logs)
             if "loss" in logs and self._window_start is not None:  # a training log: close the window
-                tokens = int(self._pending_tokens.item())  # .item() synchronizes: the window's work is done
+                # every process logs here; tokens are summed over them (.item() waits for the window's work)
+                tokens = int(self.accelerator.gather(self._pending_tokens.view(1)).sum().item())
                 now = time.perf_counter()
                 seconds = now - self._window_start - self._paused_seconds
                 steps = max(1, self.state.global_step - self._window_step)
@@ -660,17 +689,25 @@ def make_trainer_class():
                 mfu = self.mfu(tokens / seconds)
                 if mfu is not None:
                     logs["mfu"] = mfu
-            logs.update(cuda_memory_gib())
+            logs.update(self._memory_over_processes())
             if self.metrics_path is not None:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
             super().log(logs, start_time)
 
+        def _memory_over_processes(self) -> dict:
+            """cuda_memory_gib(), each value the maximum over processes (every process calls log)."""
+            memory = cuda_memory_gib()
+            if self.args.world_size > 1 and memory["peak_memory_gib"] is not None:
+                values = torch.tensor(list(memory.values()), device=self.args.device).view(1, -1)
+                memory = dict(zip(memory, self.accelerator.gather(values).amax(0).tolist()))
+            return memory
+
         def mfu(self, tokens_per_second: float) -> float | None:
             """Model FLOPs utilization: tokens/s x FLOPs per token / the GPU's peak (None where it is unknown)."""
             if not (self.flops_per_token and self.peak_tflops):
                 return None
-            return tokens_per_second * self.flops_per_token / (self.peak_tflops * 1e12)
+            return tokens_per_second * self.flops_per_token / (self.peak_tflops * 1e12 * self.args.world_size)
 
         def steady_tokens_per_second(self, warmup_steps: int) -> float | None:
             """tokens/s over the windows that end after `warmup_steps` (compilation and allocator warm-up)."""
@@ -749,13 +786,24 @@ def check_memory_budget(gib: float | None) -> None:
 
 
 def apply_memory_budget(gib: float | None) -> None:
-    """Cap this process's CUDA caching allocator at `gib` GiB (None: the whole GPU) and reset the peak counter."""
+    """Cap this process's CUDA caching allocator at `gib` GiB (None: the whole GPU) and reset the peak counter.
+
+    Under a cap the allocator uses expandable segments: with fixed-size segments, fragmentation alone made
+    lightweight_big fail under 2 GiB (1.3 GiB allocated at its peak). Set both ways, since one process may run
+    several recipes (benchmark.py); a PYTORCH_CUDA_ALLOC_CONF that names expandable_segments is left as it is.
+    """
     if not torch.cuda.is_available():
         return
     gc.collect()
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else gib * GIB / total)
+    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        # the runtime form of PYTORCH_CUDA_ALLOC_CONF; it applies to segments allocated from now on
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+            torch.cuda.memory._set_allocator_settings  # the older name (deprecated in torch 2.11)
+        setter(f"expandable_segments:{gib is not None}")
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else gib * GIB / total, device)
     torch.cuda.reset_peak_memory_stats()
 
 
@@ -783,13 +831,12 @@ def versions() -> dict:
     return out
 
 
-def choose_micro_batch(model, args, device, fused_ce: bool, largest: int) -> int:
+def choose_micro_batch(model, args, device, largest: int) -> int:
     """The largest micro-batch (halving from `largest`) whose forward and backward fit the budget.
 
     Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
     Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
     """
-    body, head = causal_lm_parts(model)
     estimate = state_memory_estimate_gib(model, args.techniques)["optimizer states"]
     headroom = 0.9 * args.gpu_memory_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
@@ -801,7 +848,7 @@ def choose_micro_batch(model, args, device, fused_ce: bool, largest: int) -> int
             placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
             ids = torch.randint(0, 100, (micro, args.seq_len), device=device)
             with torch.autocast(device.type, dtype=args.half_dtype, enabled="bf16" in args.techniques):
-                loss = lm_loss_sum(body(input_ids=ids).last_hidden_state, head.weight, ids, fused_ce)
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             if micro == 1 or torch.cuda.max_memory_allocated() <= headroom:
                 return micro
@@ -853,8 +900,8 @@ class StopOnSignal:
     TrainerCallback that turns the request into `should_save` and `should_training_stop`.
     """
 
-    def __init__(self, script: str, save: bool):
-        self.script, self.save, self.signum, self._previous = script, save, None, {}
+    def __init__(self, script: str, save: bool, quiet: bool = False):
+        self.script, self.save, self.quiet, self.signum, self._previous = script, save, quiet, None, {}
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -870,7 +917,8 @@ class StopOnSignal:
         self.signum = signum
         message = (f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
                    + (" and saving a checkpoint" if self.save else "") + " (Ctrl-C again to quit at once)\n")
-        os.write(sys.stderr.fileno(), message.encode())  # not print: the signal may interrupt a stderr write
+        if not self.quiet:  # under torchrun every process gets the signal: one message is enough
+            os.write(sys.stderr.fileno(), message.encode())  # not print: the signal may interrupt a stderr write
 
     def callback(self):
         from transformers import TrainerCallback
@@ -879,6 +927,10 @@ class StopOnSignal:
 
         class StopCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                if args.world_size > 1:  # all processes stop after the same step, or the others would wait forever
+                    signum = torch.tensor([stopper.signum or 0], device=args.device)
+                    torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+                    stopper.signum = stopper.signum or int(signum.item()) or None
                 if stopper.signum is not None:
                     control.should_training_stop = True
                     control.should_save = stopper.save
@@ -892,6 +944,7 @@ def run(recipe: Recipe, argv=None) -> dict:
     """Train `recipe` as the command line says; return the summary (also in OUTPUT_DIR/summary.json)."""
     script_start = time.perf_counter()
     args = parse_args(recipe, argv)
+    main_process = args.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
     try:
         validate_args(args)
         checkpoint = find_checkpoint(args)
@@ -920,15 +973,17 @@ def run(recipe: Recipe, argv=None) -> dict:
 
     tech = set(args.techniques)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", args.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # one GPU per process (torchrun: LOCAL_RANK)
     if cuda:  # set both ways: a process that runs several recipes (benchmark.py) must not inherit TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "tf32" in tech
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / "metrics.jsonl" if main_process else None
     resume_step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else None
-    tokens_before = restart_metrics(metrics_path, resume_step)
+    tokens_before = restart_metrics(metrics_path, resume_step) if main_process else 0
 
     if "packing" in tech:
         train_ds = make_dataset(pack(train_records, args.seq_len))
@@ -937,18 +992,21 @@ def run(recipe: Recipe, argv=None) -> dict:
     eval_ds = make_dataset(eval_ids)
 
     summary = {"script": recipe.script, "model": args.model, "init": init, "oom": False,
-               "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len}
+               "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len,
+               "processes": args.world_size}
+    if args.world_size > 1:
+        summary["how_measured"] = ("tokens, tokens/s and MFU: total over the processes (MFU per GPU); "
+                                   "memory: the maximum over the processes, each on its own GPU")
     wandb_run = model = trainer = crash = None
     trainable = total = None
     try:
         source = model_source.materialize(args.seed, args.cache_dir)  # before the cap: it may build on the GPU
         apply_memory_budget(args.gpu_memory_gib)
         model = load_model(source, model_config, args, device)
-        fused_ce = "fused_ce" in tech and cuda
         if "auto_micro_batch" in tech and args.gpu_memory_gib is not None and cuda:
             largest, args.micro_batch = args.micro_batch, None  # unknown (None in the summary) until a trial fits
-            args.micro_batch = choose_micro_batch(model, args, device, fused_ce, largest)
-        tokens_per_micro = args.micro_batch * args.seq_len
+            args.micro_batch = choose_micro_batch(model, args, device, largest)
+        tokens_per_micro = args.micro_batch * args.seq_len * args.world_size  # over all processes
         accumulation = max(1, args.tokens_per_step // tokens_per_micro)
         if "compile" in tech and cuda:
             causal_lm_parts(model)[0].compile()
@@ -957,17 +1015,19 @@ def run(recipe: Recipe, argv=None) -> dict:
             "script": recipe.script, "model": args.model, "init": init, "init_note": init_note,
             "corpus": str(args.corpus), "corpus_records": len(texts), "train_tokens_per_epoch": n_train,
             "techniques": {t: (t in tech) for t in dict.fromkeys(recipe.techniques + args.techniques)}, "micro_batch": args.micro_batch,
-            "seq_len": args.seq_len, "gradient_accumulation": accumulation,
+            "seq_len": args.seq_len, "gradient_accumulation": accumulation, "processes": args.world_size,
             "tokens_per_step": tokens_per_micro * accumulation, "epochs": args.epochs, "max_steps": args.max_steps,
             "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
             "checkpoint_layers": args.checkpoint_layers, "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
             "versions": versions(), "trainable_params": trainable, "total_params": total,
         }
-        print(f"{recipe.script}: {args.model} ({init_note}), {trainable:,} of {total:,} parameters train; "
-              f"micro-batch {args.micro_batch} x {args.seq_len} x {accumulation} accumulation; "
-              f"techniques: {', '.join(args.techniques) or 'none'}", file=sys.stderr)
-        wandb_run = start_wandb(args, run_config, out / "wandb_run_id.txt")
-        steps_per_epoch = math.ceil(len(train_ds) / (args.micro_batch * accumulation))
+        if main_process:
+            processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
+            print(f"{recipe.script}: {args.model} ({init_note}), {trainable:,} of {total:,} parameters train; "
+                  f"micro-batch {args.micro_batch} x {args.seq_len} x {accumulation} accumulation{processes}; "
+                  f"techniques: {', '.join(args.techniques) or 'none'}", file=sys.stderr)
+            wandb_run = start_wandb(args, run_config, out / "wandb_run_id.txt")
+        steps_per_epoch = math.ceil(len(train_ds) / (args.micro_batch * accumulation * args.world_size))
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
         eval_every = args.eval_every or math.ceil(total_steps / 4)
         optim = ("paged_adamw_8bit" if "paged_adamw_8bit" in tech
@@ -986,15 +1046,17 @@ def run(recipe: Recipe, argv=None) -> dict:
             prediction_loss_only=True, use_cpu=not cuda, dataloader_pin_memory=cuda,
             disable_tqdm=False, remove_unused_columns=False,
             dataloader_drop_last=drop_last,
+            ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
         )
         training_args._n_gpu = min(training_args.n_gpu, 1)  # one GPU per run: no DataParallel over the others
         trainer = make_trainer_class()(
             model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-            fused_ce=fused_ce, flops_per_token=flops_per_token(model_config, args.seq_len, "lora" in tech),
+            flops_per_token=flops_per_token(model_config, args.seq_len, "lora" in tech),
             peak_tflops=H200_BF16_TFLOPS if cuda and "H200" in torch.cuda.get_device_name(0) else None,
             metrics_path=metrics_path)
         trainer.tokens_trained = tokens_before
-        stopper = StopOnSignal(recipe.script, save=not args.no_checkpoints)
+        summary["parallelism"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU (DDP), FSDP, ...
+        stopper = StopOnSignal(recipe.script, save=not args.no_checkpoints, quiet=not main_process)
         trainer.add_callback(stopper.callback())
         with stopper:
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -1017,6 +1079,10 @@ def run(recipe: Recipe, argv=None) -> dict:
         if trainer is not None:
             summary.update(steps=trainer.state.global_step, tokens_trained=trainer.tokens_trained)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    if peak is not None and args.world_size > 1 and not summary["oom"] and crash is None:
+        peak_over_processes = torch.tensor([peak], device=device)  # a failed process would not join this
+        torch.distributed.all_reduce(peak_over_processes, op=torch.distributed.ReduceOp.MAX)
+        peak = peak_over_processes.item()
     if trainer is not None and summary.get("steady_tokens_per_second"):
         summary["mfu"] = trainer.mfu(summary["steady_tokens_per_second"])
     if model is not None:
@@ -1032,7 +1098,8 @@ def run(recipe: Recipe, argv=None) -> dict:
                     + ", ".join(f"{k} {v:.1f}" for k, v in estimate.items()))
         summary["oom_message"] = (f"{recipe.script}: out of CUDA memory under {budget} "
                                   f"(peak {peak or 0:.1f} GiB reached){need}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if wandb_run is not None:
         wandb_run.summary.update(summary)
         offline = wandb_run.settings.mode == "offline"
@@ -1048,14 +1115,17 @@ def run(recipe: Recipe, argv=None) -> dict:
         raise SystemExit(EXIT_OOM)
     if "interrupted" in summary:
         again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        print(f"{recipe.script}: stopped by {summary['interrupted']} after step {summary.get('steps')}"
-              + (f"; resume with: python {recipe.script}.py {' '.join(again + ['--resume'])}"
-                 if not args.no_checkpoints else " (no checkpoints: --no-checkpoints)"), file=sys.stderr)
+        command = f"python {recipe.script}.py" if args.world_size == 1 else "the same launcher command"
+        if main_process:
+            print(f"{recipe.script}: stopped by {summary['interrupted']} after step {summary.get('steps')}"
+                  + (f"; resume with: {command} {' '.join(again + ['--resume'])}"
+                     if not args.no_checkpoints else " (no checkpoints: --no-checkpoints)"), file=sys.stderr)
         raise SystemExit(128 + getattr(signal, summary["interrupted"]))
-    print(f"{recipe.script}: done: " + ", ".join(
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-        if k in ("tokens_per_second", "steady_tokens_per_second", "mfu", "peak_memory_gib", "train_seconds",
-                 "final_train_loss", "final_eval_loss") and v is not None), file=sys.stderr)
+    if main_process:
+        print(f"{recipe.script}: done: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+            if k in ("tokens_per_second", "steady_tokens_per_second", "mfu", "peak_memory_gib", "train_seconds",
+                     "final_train_loss", "final_eval_loss") and v is not None), file=sys.stderr)
     return summary
 
 

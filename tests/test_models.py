@@ -174,6 +174,6 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
-    assert common.choose_micro_batch(model, args, torch.device("cpu"), fused_ce=False, largest=16) == 2
+    assert common.choose_micro_batch(model, args, torch.device("cpu"), largest=16) == 2
     assert tried == [16, 8, 4, 2]
     assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind
