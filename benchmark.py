@@ -32,7 +32,7 @@ REFERENCE_QLORA = common.Recipe(
     micro_batch=16, seq_len=1024, tokens_per_step=32768, optimizer="paged_adamw_32bit",
     lora_rank=16, lora_alpha=32)
 
-SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 8, 3
+SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
 SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]
 
 
@@ -119,10 +119,13 @@ def sweep(script: str, workdir: Path, save) -> None:
         save(row)
         return row["error"] is None and not row["oom"]
 
-    uncapped = run_one(dict(name=f"{script}-sweep-peak", script=script, argv=["--max-steps", str(SWEEP_STEPS)]), workdir)
+    # start from the uncapped peak: the script's main row if results/benchmark.json has one, else a run
+    main_row = next((r for r in load(RESULTS / "benchmark.json")["runs"] if r["name"] == script), None)
+    uncapped = main_row or run_one(dict(name=f"{script}-sweep-peak", script=script,
+                                        argv=["--max-steps", str(SWEEP_STEPS)]), workdir)
     budget = max(0.5, math.ceil((uncapped["peak_memory_gib"] or 1) * 2) / 2)
     if "auto_micro_batch" in (uncapped["techniques"] or []):
-        budget = min(budget, 4.0)  # the micro-batch shrinks to fit: start low and walk down
+        budget = min(budget, 2.0)  # the micro-batch shrinks to fit: start at the target's 2 GiB and walk
     if trial(budget):
         while budget > 0.5 and trial(budget - 0.5):
             budget -= 0.5
