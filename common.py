@@ -53,6 +53,8 @@ TECHNIQUES = {
     "grad_checkpointing": "recompute activations in backward instead of storing them",
     "nf4": "base weights in 4-bit NF4 with double quantization and bf16 compute (bitsandbytes)",
     "lora": "train LoRA adapters on every attention and MLP projection, base frozen (peft)",
+    "lora_autocast": "LoRA layers run under bf16 autocast: adapters compute in bf16 from their fp32 weights "
+                     "(otherwise peft copies every input to fp32 for them)",
     "paged_adamw_8bit": "bitsandbytes paged 8-bit AdamW (optimizer states in 8 bits, paged to CPU under pressure)",
     "auto_micro_batch": "with a budget, the largest micro-batch that fits; accumulation keeps tokens/step",
     "kbit_prep": "peft's prepare_model_for_kbit_training: norms and embeddings upcast to fp32 (the QLoRA reference)",
@@ -166,6 +168,8 @@ def validate_args(args) -> None:
         problems.append(f"--output-dir {args.output_dir}: {nearest} is a file")
     if "nf4" in args.techniques and "lora" not in args.techniques:
         problems.append("nf4 needs lora: 4-bit weights cannot be trained directly")
+    if "lora_autocast" in args.techniques and "lora" not in args.techniques:
+        problems.append("lora_autocast needs lora")
     if "kbit_prep" in args.techniques and "lora" not in args.techniques:
         problems.append("kbit_prep needs lora: it freezes the base model")
     if args.checkpoint_layers is not None and (args.checkpoint_layers < 0 or "grad_checkpointing" not in args.techniques):
@@ -484,6 +488,9 @@ def use_gpt_neo_sdpa(model) -> int:
         if type(module) is GPTNeoSelfAttention:
             module.__class__ = sdpa_class
             swapped += 1
+    # masks as for SDPA: None without padding (global layers then take the flash kernel through is_causal),
+    # else a boolean B x 1 x T x T, instead of eager's float mask built at every step
+    model.config._attn_implementation = "sdpa"
     return swapped
 
 
@@ -541,9 +548,6 @@ def load_model(source, config, args, device):
         model.to(device)
     if config.model_type == "gpt_neo" and "sdpa" in tech:
         use_gpt_neo_sdpa(model)
-        # masks as for SDPA: None without padding (so global layers take the flash kernel through is_causal),
-        # else a boolean B x 1 x T x T, instead of eager's float mask built every step
-        model.config._attn_implementation = "sdpa"
     if "kbit_prep" in tech:
         from peft import prepare_model_for_kbit_training
 
@@ -554,6 +558,16 @@ def load_model(source, config, args, device):
         model = get_peft_model(model, LoraConfig(
             r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
             target_modules=LORA_TARGETS[config.model_type], task_type="CAUSAL_LM"))
+    if "lora_autocast" in tech:
+        # Without autocast, peft casts each adapted layer's input to the adapters' fp32 and their output back:
+        # two full-size copies per projection, 6 per block, in forward and again in recompute. Under autocast it
+        # skips them and the adapters' matmuls run in bf16 (fp32 weights and optimizer kept). Only these layers:
+        # whole-model autocast would also run layer norms and softmax in fp32.
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.forward = torch.autocast(device.type, dtype=args.half_dtype)(module.forward)
     put_loss_in_forward(model, fused="fused_ce" in tech and device.type == "cuda")
     if "grad_checkpointing" in tech:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The multi-process wiring on one GPU (issue 5): each launcher with one process, short runs, random init.
 #   bash scripts/gpu_parallel_check.sh OUTDIR
-# On a machine with N GPUs, set NPROC=N to run the same commands data-parallel.
+# On a machine with N GPUs, set NPROC=N to run the same commands data-parallel; ONLY=name,name runs a subset.
 set -u
 OUT=${1:-runs/parallel}; mkdir -p "$OUT"; NPROC=${NPROC:-1}
 export WANDB_MODE=offline
 run() {  # name, launcher and script, flags...
   local name=$1; shift
+  [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]] && return
   echo "=== $name: $*" | tee -a "$OUT/parallel.log"
   "$@" --init random --output-dir "runs/parallel/$name" >>"$OUT/parallel.log" 2>&1
   echo "exit $?" | tee -a "$OUT/parallel.log"
