@@ -853,30 +853,34 @@ def choose_micro_batch(model, args, device, largest: int) -> int:
     """
     estimate = state_memory_estimate_gib(model, args.techniques)["optimizer states"]
     headroom = 0.9 * args.gpu_memory_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
+
+    def trial_peak(micro: int) -> int:
+        # a function, so that a trial's tensors (its graph too, when backward ran out of memory) are freed
+        # once it ends, before the next, smaller trial starts
+        placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
+        ids = torch.randint(0, 100, (micro, args.seq_len), device=device)
+        with torch.autocast(device.type, dtype=args.half_dtype, enabled="bf16" in args.techniques):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del placeholder
+        return torch.cuda.max_memory_allocated()
+
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
     micro = largest
     while True:
-        placeholder = None
         torch.cuda.reset_peak_memory_stats()
         try:
-            placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
-            ids = torch.randint(0, 100, (micro, args.seq_len), device=device)
-            with torch.autocast(device.type, dtype=args.half_dtype, enabled="bf16" in args.techniques):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if micro == 1 or torch.cuda.max_memory_allocated() <= headroom:
+            if trial_peak(micro) <= headroom or micro == 1:
                 return micro
-            micro //= 2
         except torch.OutOfMemoryError:
             if micro == 1:
                 raise
-            micro //= 2
         finally:
-            del placeholder
             model.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        micro //= 2
 
 
 def complete_checkpoints(out: Path) -> list[Path]:

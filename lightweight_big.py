@@ -12,9 +12,10 @@ RECIPE = Recipe(
         "lora",                # rank-16 adapters on every attention and MLP projection; the base is frozen
         "grad_checkpointing",  # recompute activations in backward (--checkpoint-layers: how many layers)
         "paged_adamw_8bit",    # 8-bit optimizer states, paged to the CPU under pressure
-        "tf32",                # TF32 for the fp32 adapters
-        # No bf16 autocast: nf4 already computes in bf16. On the H200, autocast around the fp32 adapters was
-        # slower (23.3k vs 27.3k tokens/s) and used more memory (6.6 vs 5.2 GiB peak): see results/NOTES.md.
+        "lora_autocast",       # the adapters compute in bf16 (fp32 weights): no fp32 copy of every input
+        "tf32",                # TF32 for the matmuls left in fp32
+        # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms
+        # and softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB), NOTES.md.
         "packing",             # full 1024-token blocks, no pad tokens
         "sdpa",                # this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window)
         "fast_gelu",           # GPT-Neo's tanh GELU as one kernel

@@ -39,18 +39,18 @@ def test_lora_autocast_runs_the_adapters_in_bf16_from_fp32_weights(cache_dir):
     gradients match the fp32 adapters' to bf16 precision."""
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     grads, dtypes = {}, {}
-    for extra in ([], ["--on", "lora_autocast"]):
+    for extra in (["--off", "lora_autocast"], []):
         args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir), *extra])
         source = common.resolve_model(args, common.load_corpus(args.corpus))
         weights = source.materialize(args.seed, cache_dir)
         torch.manual_seed(0)  # the same adapter initialization both times
         model = common.load_model(weights, source.config, args, torch.device("cpu"))
         lora_b = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
-        lora_b.register_forward_hook(lambda m, i, out, key=bool(extra): dtypes.update({key: out.dtype}))
+        lora_b.register_forward_hook(lambda m, i, out, key=not extra: dtypes.update({key: out.dtype}))
         model(input_ids=ids, labels=ids).loss.backward()
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         assert all(p.dtype == torch.float32 for p in trainable.values())
-        grads[bool(extra)] = torch.cat([p.grad.flatten() for p in trainable.values()])
+        grads[not extra] = torch.cat([p.grad.flatten() for p in trainable.values()])
     assert dtypes == {False: torch.float32, True: torch.bfloat16}
     assert grads[True].abs().sum() > 0
     torch.testing.assert_close(grads[True], grads[False], rtol=0.05, atol=0.02 * grads[False].abs().max().item())
