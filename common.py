@@ -1106,6 +1106,8 @@ def run(recipe: Recipe, argv=None) -> dict:
     if model is not None:
         summary["trainable_params"], summary["total_params"] = trainable, total
         estimate = state_memory_estimate_gib(model, args.techniques)
+    if cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow
+        summary["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries")
     summary.update(micro_batch=args.micro_batch, peak_memory_gib=peak,
                    script_seconds=time.perf_counter() - script_start)
     if summary["oom"]:
