@@ -1076,6 +1076,8 @@ def run(recipe: Recipe, argv=None) -> dict:
         summary["parallelism"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU (DDP), FSDP, ...
         stopper = StopOnSignal(recipe.script, save=not args.no_checkpoints, quiet=not main_process)
         trainer.add_callback(stopper.callback())
+        if cuda:
+            torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         with stopper:
             result = trainer.train(resume_from_checkpoint=checkpoint)
         if stopper.signum is not None:
