@@ -6,7 +6,7 @@ the reference QLoRA recipe and the smallest memory budget each script trains und
     python benchmark.py --merge a.json b.json    # merge partial runs into results/benchmark.json, then report
     python benchmark.py --report                 # results/benchmark.md and results/*.png from the JSON
 
-Runs happen in this process, one after another, each through the script's own `main(argv)` on the
+Runs happen one after another, each in a fresh Python process through the script's own `main(argv)`, on the
 random-init path (`--init random`), W&B off. tokens/s is the steady state: windows after the first steps.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import math
+import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -81,21 +82,19 @@ def read_curves(output_dir: Path) -> dict:
 
 
 def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
-    """Run one script in this process; return its benchmark row (oom rows included)."""
-    import torch
+    """Run one script in a fresh Python process; return its benchmark row (oom rows included).
 
+    A process per run, because runs in one process were seen to leak into each other: TF32 left on
+    (session 1), and the micro-batch probe choosing differently for the same budget (call 8).
+    """
     out = workdir / spec["name"]
+    (out / "summary.json").unlink(missing_ok=True)  # a run that dies early must not report an older summary
     argv = ["--init", "random", "--wandb", "off", "--no-checkpoints", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
     print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
-    torch._dynamo.reset()  # every run compiles afresh: no recompile limits carried over between runs
-    error = None
-    try:
-        recipe_main(spec["script"])(argv)
-    except SystemExit as e:
-        if e.code not in (None, 0, common.EXIT_OOM):
-            error = f"exit {e.code}"
-    except Exception as e:  # one failed run must not lose the others
-        error = f"{type(e).__name__}: {e}"
+    child = [sys.executable, "-c", "import sys, benchmark; benchmark.recipe_main(sys.argv[1])(sys.argv[2:])",
+             spec["script"], *argv]
+    code = subprocess.run(child, cwd=common.REPO).returncode
+    error = None if code in (0, common.EXIT_OOM) else f"exit {code}"  # one failed run must not lose the others
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     if error:
         print(f"!!! {spec['name']} failed: {error}", file=sys.stderr)
