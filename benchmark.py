@@ -165,15 +165,21 @@ def report(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     runs = {r["name"]: r for r in results["runs"]}
+    order = [spec["name"] for group, specs in GROUPS.items() if group != "sweep" for spec in specs]
+    ordered = sorted(results["runs"], key=lambda r: (order.index(r["name"]), 0) if r["name"] in order
+                     else (len(order), r["script"], -(r.get("budget_gib") or 0)))  # then the sweep, per script
     lines = [f"# Benchmark results\n", f"GPU: {results.get('gpu')}; date: {results.get('date')}; "
-             f"{versions_line(results.get('versions', {}))}.\n", "Command: `python benchmark.py` (see its docstring).\n",
-             "| run | techniques off | budget GiB | micro-batch | tokens/s | MFU | peak GiB | eval loss | OOM |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
+             f"{versions_line(results.get('versions', {}))}.\n", "Command: `python benchmark.py` (see its docstring); "
+             "each call's command and commit are in `benchmark.json` under `commands`.\n",
+             *([results["notes"] + "\n"] if results.get("notes") else []),
+             "| run | techniques off | budget GiB | micro-batch | tokens/s | MFU | peak GiB | eval loss | OOM | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ordered:
         lines.append(f"| {r['name']} | {r.get('ablation') or ''} | {fmt(r.get('budget_gib'), 'g')} | {fmt(r.get('micro_batch'), 'd')} "
                      f"| {fmt(r.get('tokens_per_second'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} "
                      f"| {fmt(r.get('peak_memory_gib'), '.2f')} | {fmt(r.get('eval_loss'), '.4f')} | {'yes' if r.get('oom') else ''}"
-                     + (f" {r['error']}" if r.get("error") else "") + (" (caveat)" if r.get("caveat") else "") + " |")
+                     + (f" {r['error']}" if r.get("error") else "") + (" (caveat)" if r.get("caveat") else "")
+                     + f" | {r.get('measured') or ''} |")
     caveats = [f"- {r['name']}: {r['caveat']}" for r in results["runs"] if r.get("caveat")]
     if caveats:
         lines += ["\nCaveats:\n", *caveats]
@@ -202,7 +208,8 @@ def report(results: dict) -> None:
         plt.close(fig)
 
     main = [runs[n] for n in ("before_small", "lightweight_small", "before_big", "lightweight_big",
-                              "lightweight_big-4gib", "lightweight_big-2gib", "reference_qlora") if n in runs]
+                              "lightweight_big-8gib-ckpt20", "lightweight_big-4gib", "lightweight_big-2gib",
+                              "reference_qlora") if n in runs]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     names = [r["name"] for r in main]
     a1.barh(names, [r.get("tokens_per_second") or 0 for r in main]); a1.set(xlabel="tokens/s (steady)")
