@@ -298,6 +298,15 @@ def pad_pieces(records: list[np.ndarray], block: int, pad_id: int) -> tuple[np.n
     return ids, mask
 
 
+def whole_eval_steps(blocks: np.ndarray, processes: int) -> np.ndarray:
+    """The held-out blocks, cut to a multiple of the number of processes (at most processes - 1 fewer).
+
+    With several processes each evaluates one block per step (batch 1, see run); where the blocks do not fill
+    the last step, accelerate fills it with blocks from the start, and those would count twice in the eval loss.
+    """
+    return blocks[: len(blocks) // processes * processes]
+
+
 def make_dataset(input_ids: np.ndarray, attention_mask: np.ndarray | None = None):
     """A `datasets.Dataset` of causal-LM rows; labels are the inputs with padding set to -100 (ignored)."""
     import datasets
@@ -918,8 +927,9 @@ class StopOnSignal:
     TrainerCallback that turns the request into `should_save` and `should_training_stop`.
     """
 
-    def __init__(self, script: str, save: bool, quiet: bool = False):
+    def __init__(self, script: str, save: bool, quiet: bool = False, launched: bool = False):
         self.script, self.save, self.quiet, self.signum, self._previous = script, save, quiet, None, {}
+        self.launched = launched  # under torchrun / accelerate launch, which forward the signal
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -934,7 +944,9 @@ class StopOnSignal:
             os._exit(128 + signum)  # second Ctrl-C: no checkpoint, no cleanup
         self.signum = signum
         message = (f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
-                   + (" and saving a checkpoint" if self.save else "") + " (Ctrl-C again to quit at once)\n")
+                   + (" and saving a checkpoint" if self.save else "")
+                   + (" (Ctrl-C again to quit at once)\n" if not self.launched else
+                      " (the launcher kills the processes after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, default 30)\n"))
         if not self.quiet:  # under torchrun every process gets the signal: one message is enough
             os.write(sys.stderr.fileno(), message.encode())  # not print: the signal may interrupt a stderr write
 
@@ -978,11 +990,12 @@ def run(recipe: Recipe, argv=None) -> dict:
         train_records, held_records = split_heldout(records)
         eval_block = min(EVAL_BLOCK, args.seq_len)
         n_train = sum(len(r) for r in train_records)
-        eval_ids = pack(held_records, eval_block)
+        eval_ids = whole_eval_steps(pack(held_records, eval_block), args.world_size)
         if n_train < args.seq_len or len(eval_ids) == 0:
             raise InputError(f"corpus {args.corpus}: too short ({n_train} training tokens, {len(eval_ids)} held-out "
-                             f"blocks): needs at least one {args.seq_len}-token training block and one "
-                             f"{eval_block}-token held-out block (every {EVAL_EVERY_RECORD}th record is held out)")
+                             f"blocks): needs at least one {args.seq_len}-token training block and "
+                             f"{args.world_size} {eval_block}-token held-out block(s), one per process "
+                             f"(every {EVAL_EVERY_RECORD}th record is held out)")
     except InputError as e:
         print(f"{recipe.script}: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
@@ -1011,7 +1024,7 @@ def run(recipe: Recipe, argv=None) -> dict:
 
     summary = {"script": recipe.script, "model": args.model, "init": init, "oom": False,
                "budget_gib": args.gpu_memory_gib, "techniques": list(args.techniques), "seq_len": args.seq_len,
-               "processes": args.world_size}
+               "processes": args.world_size, "eval_blocks": len(eval_ids)}
     if args.world_size > 1:
         summary["how_measured"] = ("tokens, tokens/s and MFU: total over the processes (MFU per GPU); "
                                    "memory: the maximum over the processes, each on its own GPU")
@@ -1053,7 +1066,8 @@ def run(recipe: Recipe, argv=None) -> dict:
         drop_last = "compile" in tech and cuda  # a smaller last micro-batch would trigger a recompile
         training_args = TrainingArguments(
             output_dir=str(out), per_device_train_batch_size=args.micro_batch,
-            per_device_eval_batch_size=1 if drop_last else args.micro_batch,  # drop_last must drop no held-out block
+            # drop_last must drop no held-out block, nor may several processes share a last step (whole_eval_steps)
+            per_device_eval_batch_size=1 if drop_last or args.world_size > 1 else args.micro_batch,
             gradient_accumulation_steps=accumulation, num_train_epochs=args.epochs, max_steps=args.max_steps,
             learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
             bf16="bf16" in tech and args.half_dtype == torch.bfloat16 and cuda,
@@ -1074,7 +1088,8 @@ def run(recipe: Recipe, argv=None) -> dict:
             metrics_path=metrics_path)
         trainer.tokens_trained = tokens_before
         summary["parallelism"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU (DDP), FSDP, ...
-        stopper = StopOnSignal(recipe.script, save=not args.no_checkpoints, quiet=not main_process)
+        stopper = StopOnSignal(recipe.script, save=not args.no_checkpoints, quiet=not main_process,
+                               launched="TORCHELASTIC_RUN_ID" in os.environ)
         trainer.add_callback(stopper.callback())
         if cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
@@ -1118,10 +1133,13 @@ def run(recipe: Recipe, argv=None) -> dict:
         if model is not None:
             need = (f"; before activations this recipe needs about {sum(estimate.values()):.1f} GiB: "
                     + ", ".join(f"{k} {v:.1f}" for k, v in estimate.items()))
-        summary["oom_message"] = (f"{recipe.script}: out of CUDA memory under {budget} "
+        where = f" in process {args.rank} of {args.world_size}" if args.world_size > 1 else ""
+        summary["oom_message"] = (f"{recipe.script}: out of CUDA memory{where} under {budget} "
                                   f"(peak {peak or 0:.1f} GiB reached){need}")
     if main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    elif summary["oom"] or crash is not None:  # the first process may never get to write its summary
+        (out / f"summary-rank{args.rank}.json").write_text(json.dumps(summary, indent=2) + "\n")
     if wandb_run is not None:
         wandb_run.summary.update(summary)
         offline = wandb_run.settings.mode == "offline"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The multi-process wiring on one GPU (issue 5): each launcher with one process, short runs, random init.
-#   bash scripts/gpu_parallel_check.sh OUTDIR
+#   bash scripts/gpu_parallel_check.sh OUTDIR     # the log and a summary per run; runs write runs/parallel/<name>
 # On a machine with N GPUs, set NPROC=N to run the same commands data-parallel; ONLY=name,name runs a subset.
 set -u
 OUT=${1:-runs/parallel}; mkdir -p "$OUT"; NPROC=${NPROC:-1}

@@ -55,6 +55,7 @@ def test_two_processes_train_as_one(script, tmp_path, cache_dir, short_records_c
         assert b["tokens_trained"] == a["tokens_trained"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert two["eval_blocks"] == one["eval_blocks"] and two["eval_blocks"] % 2 == 0  # so eval losses can agree
     assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
 
     (run_dir,) = (tmp_path / "two" / "wandb").glob("offline-run-*")  # one W&B run, not one per process
@@ -75,3 +76,17 @@ def test_tokens_per_step_must_split_over_the_processes(tmp_path, cache_dir, monk
                          "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
     assert stopped.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_blocks_fill_whole_steps_over_the_processes():
+    """Each process evaluates one block per step; blocks that would leave a last step part-filled are dropped
+    (accelerate would fill it with repeated blocks, counted twice in the eval loss)."""
+    import numpy as np
+
+    import common
+
+    blocks = np.arange(5 * 4).reshape(5, 4)
+    assert len(common.whole_eval_steps(blocks, 1)) == 5
+    assert len(common.whole_eval_steps(blocks, 2)) == 4
+    assert (common.whole_eval_steps(blocks, 3) == blocks[:3]).all()
+    assert len(common.whole_eval_steps(blocks[:1], 2)) == 0  # run() refuses this corpus (exit 2)
