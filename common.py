@@ -503,9 +503,14 @@ def use_gpt_neo_sdpa(model) -> int:
     return swapped
 
 
+def unwrap_peft(model):
+    """The transformers model itself: under peft, the model it wraps."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def causal_lm_parts(model):
     """(body, lm_head) of a causal LM, unwrapping peft: the body returns hidden states, lm_head maps them to logits."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = unwrap_peft(model)
     return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
 
 
@@ -520,7 +525,7 @@ def put_loss_in_forward(model, fused: bool) -> None:
     """
     from transformers.modeling_outputs import CausalLMOutput
 
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = unwrap_peft(model)
 
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **unused):
         body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
@@ -813,7 +818,7 @@ def apply_memory_budget(gib: float | None) -> None:
 
     Under a cap the allocator uses expandable segments: with fixed-size segments, fragmentation alone made
     lightweight_big fail under 2 GiB (1.3 GiB allocated at its peak). Set both ways, since one process may run
-    several recipes (benchmark.py); a PYTORCH_CUDA_ALLOC_CONF that names expandable_segments is left as it is.
+    several recipes (the tests do); a PYTORCH_CUDA_ALLOC_CONF that names expandable_segments is left as it is.
     """
     if not torch.cuda.is_available():
         return
@@ -1007,7 +1012,7 @@ def run(recipe: Recipe, argv=None) -> dict:
     device = torch.device("cuda", args.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)  # one GPU per process (torchrun: LOCAL_RANK)
-    if cuda:  # set both ways: a process that runs several recipes (benchmark.py) must not inherit TF32
+    if cuda:  # set both ways: a process that runs several recipes (the tests) must not inherit TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "tf32" in tech
     set_seed(args.seed)
     out = Path(args.output_dir)
