@@ -1,7 +1,7 @@
 """The benchmark behind the README's results: every script, each lightweight technique switched off in turn,
 the reference QLoRA recipe and the smallest memory budget each script trains under, on one CUDA GPU.
 
-    python benchmark.py                          # all groups (about 25 minutes on an H200)
+    python benchmark.py                          # all groups (over half an hour on an H200, judging by the partial calls)
     python benchmark.py --only main,fast8        # some groups; --out names the JSON they are written to
     python benchmark.py --merge a.json b.json    # merge partial runs into results/benchmark.json, then report
     python benchmark.py --report                 # results/benchmark.md and results/*.png from the JSON
@@ -55,7 +55,7 @@ GROUPS = {
         dict(name="lightweight_big", script="lightweight_big", argv=["--max-steps", str(BIG_STEPS)]),
         dict(name="lightweight_big-4gib", script="lightweight_big",
              argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "4"]),
-        dict(name="lightweight_big-2gib", script="lightweight_big",  # micro-batch 1 or 2: fewer, slower steps
+        dict(name="lightweight_big-2gib", script="lightweight_big",  # a small micro-batch: fewer, slower steps
              argv=["--max-steps", str(BIG_STEPS // 2), "--gpu-memory-gib", "2"]),
         dict(name="reference_qlora", script="reference_qlora", argv=["--max-steps", str(BIG_STEPS)]),
     ],
