@@ -20,29 +20,28 @@ import sys
 from datetime import date
 from pathlib import Path
 
-import common
+import lightweight_big
+from harness.cli import EXIT_OOM, REPO
 
-RESULTS = common.REPO / "results"
+RESULTS = REPO / "results"
+SMOKE_OUT = REPO / "runs" / "benchmark" / "smoke.json"  # never the committed results
 
 # The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py): 4-bit NF4 with double quantization,
 # prepare_model_for_kbit_training, LoRA on every linear projection, gradient checkpointing, paged 32-bit AdamW,
-# bf16, and transformers' default attention for GPT-Neo (eager). Same rank, targets and micro-batch as ours.
-REFERENCE_QLORA = common.Recipe(
-    script="reference_qlora", model="EleutherAI/gpt-neo-1.3B",
-    techniques=("nf4", "lora", "kbit_prep", "grad_checkpointing", "bf16", "packing"),
-    micro_batch=16, seq_len=1024, tokens_per_step=32768, optimizer="paged_adamw_32bit",
-    lora_rank=16, lora_alpha=32)
+# bf16 autocast, and transformers' default attention for GPT-Neo (eager). Same rank, targets and micro-batch as
+# ours: lightweight_big.py with its own techniques switched (lightweight_big.REFERENCE_QLORA).
+REFERENCE_QLORA = lightweight_big.REFERENCE_QLORA
 
 SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
 SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]
 
 
 def ablations(script, steps):
-    recipe = importlib.import_module(script).RECIPE
+    techniques = importlib.import_module(script).TECHNIQUES
     skip = {"lora", "auto_micro_batch"}  # nf4 cannot train without lora; auto_micro_batch acts only under a budget
     return [dict(name=f"{script}-no-{t}", script=script, ablation=t,
                  argv=["--max-steps", str(steps), "--eval-every", str(steps), "--off", t])
-            for t in recipe.techniques if t not in skip]
+            for t, technique in techniques.items() if technique.default and t not in skip]
 
 
 GROUPS = {
@@ -57,7 +56,7 @@ GROUPS = {
              argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "4"]),
         dict(name="lightweight_big-2gib", script="lightweight_big",  # a small micro-batch: fewer, slower steps
              argv=["--max-steps", str(BIG_STEPS // 2), "--gpu-memory-gib", "2"]),
-        dict(name="reference_qlora", script="reference_qlora", argv=["--max-steps", str(BIG_STEPS)]),
+        dict(name="reference_qlora", script="lightweight_big", argv=["--max-steps", str(BIG_STEPS), *REFERENCE_QLORA]),
     ],
     # lightweight_big's fastest setting within 8 GiB: fewer checkpointed layers, the micro-batch chosen to fit
     "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
@@ -67,12 +66,6 @@ GROUPS = {
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time
 }
-
-
-def recipe_main(script):
-    if script == "reference_qlora":
-        return common.main_for(REFERENCE_QLORA)
-    return importlib.import_module(script).main
 
 
 def read_curves(output_dir: Path) -> dict:
@@ -91,10 +84,8 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
     (out / "summary.json").unlink(missing_ok=True)  # a run that dies early must not report an older summary
     argv = ["--init", "random", "--wandb", "off", "--no-checkpoints", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
     print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
-    child = [sys.executable, "-c", "import sys, benchmark; benchmark.recipe_main(sys.argv[1])(sys.argv[2:])",
-             spec["script"], *argv]
-    code = subprocess.run(child, cwd=common.REPO).returncode
-    error = None if code in (0, common.EXIT_OOM) else f"exit {code}"  # one failed run must not lose the others
+    code = subprocess.run([sys.executable, f"{spec['script']}.py", *argv], cwd=REPO).returncode
+    error = None if code in (0, EXIT_OOM) else f"exit {code}"  # one failed run must not lose the others
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     if error:
         print(f"!!! {spec['name']} failed: {error}", file=sys.stderr)
@@ -160,10 +151,6 @@ def fmt(v, spec=".3g"):
 
 def report(results: dict) -> None:
     """results/benchmark.md and the plots, from the JSON."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = {r["name"]: r for r in results["runs"]}
     order = [spec["name"] for group, specs in GROUPS.items() if group != "sweep" for spec in specs]
     ordered = sorted(results["runs"], key=lambda r: (order.index(r["name"]), 0) if r["name"] in order
@@ -191,7 +178,17 @@ def report(results: dict) -> None:
         lines += ["\n## Smallest budget that trains (0.5 GiB steps)\n", "| script | --gpu-memory-gib |", "|---|---|"]
         lines += [f"| {s} | {b:g} |" for s, b in sweeps.items()]
     (RESULTS / "benchmark.md").write_text("\n".join(lines) + "\n")
+    plots(results)
+    print(f"wrote {RESULTS}/benchmark.md and plots", file=sys.stderr)
 
+
+def plots(results: dict) -> None:
+    """results/loss_small.png, loss_big.png, speed_memory.png and ablation.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {r["name"]: r for r in results["runs"]}
     for model, pair in (("small", ("before_small", "lightweight_small")),
                         ("big", ("before_big", "lightweight_big", "reference_qlora"))):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -227,18 +224,21 @@ def report(results: dict) -> None:
         ax.barh([r["ablation"] for r in rows], [r.get("tokens_per_second") or 0 for r in rows])
         ax.set(xlabel="tokens/s", title=f"{script}: one technique off")
     fig.tight_layout(); fig.savefig(RESULTS / "ablation.png", dpi=100); plt.close(fig)
-    print(f"wrote {RESULTS}/benchmark.md and plots", file=sys.stderr)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(GROUPS), help=f"groups to run: {', '.join(GROUPS)}")
     p.add_argument("--runs", default=None, help="only these run names (comma-separated) from the chosen groups")
-    p.add_argument("--out", default=str(RESULTS / "benchmark.json"), help="JSON to write the runs into (merged by name)")
-    p.add_argument("--workdir", default=str(common.REPO / "runs" / "benchmark"))
+    p.add_argument("--out", default=None, help="JSON to write the runs into, merged by name (default: "
+                   "results/benchmark.json; with --smoke runs/benchmark/smoke.json)")
+    p.add_argument("--replace-gpu", action="store_true",
+                   help="let this run replace rows that --out holds from another GPU model")
+    p.add_argument("--workdir", default=str(REPO / "runs" / "benchmark"))
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these partial results into results/benchmark.json")
     p.add_argument("--report", action="store_true", help="only write results/benchmark.md and plots from the JSON")
-    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, no budgets or sweep: tests the machinery")
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, no budgets or sweep: tests the "
+                   "machinery in a few minutes; writes runs/benchmark/smoke.json unless --out says otherwise")
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     if args.merge:
@@ -247,14 +247,24 @@ def main(argv=None):
         return report(load(RESULTS / "benchmark.json"))
 
     import torch
+
+    from harness.measure import versions
+
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("benchmark.py needs a CUDA GPU (--smoke runs tiny models on the CPU)")
     groups = args.only.split(",")
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise SystemExit(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
-    out, workdir = Path(args.out), Path(args.workdir)
-    header = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": date.today().isoformat(), "versions": common.versions()}
+    out = Path(args.out or (SMOKE_OUT if args.smoke else RESULTS / "benchmark.json"))
+    workdir = Path(args.workdir)
+    header = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "date": date.today().isoformat(), "versions": versions()}
+    measured_on = load(out).get("gpu")
+    if measured_on not in (None, header["gpu"]) and not args.replace_gpu:
+        raise SystemExit(f"{out} holds rows measured on {measured_on}, and this machine is {header['gpu']}: "
+                         f"write elsewhere with --out, or pass --replace-gpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(row):
         part = load(out)

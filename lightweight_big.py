@@ -1,34 +1,115 @@
 """QLoRA on GPT-Neo 1.3B: trains within a few GiB what before_big.py cannot fit in 16.
 
     python lightweight_big.py --gpu-memory-gib 4
-"""
-from common import Recipe, main_for
 
-RECIPE = Recipe(
-    script="lightweight_big",
-    model="EleutherAI/gpt-neo-1.3B",
-    techniques=(
-        "nf4",                 # base weights in 4-bit NF4, double quantization, bf16 compute
-        "lora",                # rank-16 adapters on every attention and MLP projection; the base is frozen
-        "grad_checkpointing",  # recompute activations in backward (--checkpoint-layers: how many layers)
-        "paged_adamw_8bit",    # 8-bit optimizer states, paged to the CPU under pressure
-        "lora_autocast",       # the adapters compute in bf16 (fp32 weights): no fp32 copy of every input
-        "tf32",                # TF32 for the matmuls left in fp32
-        # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms
-        # and softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB), NOTES.md.
-        "packing",             # full 1024-token blocks, no pad tokens
-        "sdpa",                # this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window)
-        "fast_gelu",           # GPT-Neo's tanh GELU as one kernel
-        "fused_ce",            # liger fused linear cross-entropy: no logits tensor
-        "auto_micro_batch",    # under --gpu-memory-gib, the largest micro-batch that fits
-    ),
-    micro_batch=16,
-    seq_len=1024,
-    tokens_per_step=32768,     # = 16 x 1024 x 2 accumulation; the same slots per step as before_big
-    lora_rank=16,
-    lora_alpha=32,
-)
-main = main_for(RECIPE)
+The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py), which the benchmark compares with, is
+this script with its own techniques switched: `python lightweight_big.py` followed by REFERENCE_QLORA below.
+"""
+from common import make_dataset, pack, pad_pieces
+from harness import Technique, session
+
+MODEL = "EleutherAI/gpt-neo-1.3B"
+SIZES = dict(micro_batch=16,           # under --gpu-memory-gib, auto_micro_batch halves it until a step fits
+             seq_len=1024,
+             tokens_per_step=32768)    # = 16 x 1024 x 2 accumulation; the same slots per step as before_big
+LORA_RANK, LORA_ALPHA = 16, 32
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]  # every attention and MLP projection
+TECHNIQUES = {
+    "nf4": Technique("base weights in 4-bit NF4, double quantization, bf16 compute (bitsandbytes)", needs=("lora",)),
+    "lora": Technique(f"rank-{LORA_RANK} adapters on every attention and MLP projection; the base is frozen (peft)"),
+    "grad_checkpointing": Technique("recompute activations in backward (--checkpoint-layers: how many layers)"),
+    "paged_adamw_8bit": Technique("8-bit AdamW states, paged to the CPU under pressure (bitsandbytes)"),
+    "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
+                               needs=("lora",)),
+    "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
+    # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms and
+    # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB), NOTES.md.
+    "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
+    "sdpa": Technique("this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window); off: eager"),
+    "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
+    "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
+    "auto_micro_batch": Technique("under --gpu-memory-gib, the largest micro-batch that fits; accumulation keeps "
+                                  "the tokens per step"),
+    # off by default: the QLoRA reference's own choices
+    "kbit_prep": Technique("peft's prepare_model_for_kbit_training: norms and embeddings in fp32", default=False,
+                           needs=("lora",)),
+    "bf16": Technique("bf16 autocast of the whole model", default=False, cuda_only=True),
+    "paged_adamw_32bit": Technique("paged 32-bit AdamW (bitsandbytes)", default=False),
+}
+REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
+                   "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
+                   "--off", "fused_ce", "--off", "auto_micro_batch"]
+
+
+def load_model(weights, on, device, half, checkpoint_layers=None):
+    """GPT-Neo as QLoRA wants it; `half` is bf16, or fp16 on a GPU without bf16."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
+    from harness.loss import put_loss_in_forward
+
+    options = dict(dtype=half if on("lora") else torch.float32,  # a frozen base needs no fp32 master copy
+                   use_cache=False, attn_implementation="eager")  # transformers' only one here besides flash-attn
+    if on("nf4"):
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=half)
+        options["device_map"] = {"": device}  # this process's GPU (one per process under torchrun)
+    if on("fast_gelu"):  # gelu_new == tanh-approximated GELU; gelu_pytorch_tanh is PyTorch's fused kernel
+        options["activation_function"] = "gelu_pytorch_tanh"
+    model = AutoModelForCausalLM.from_pretrained(weights, **options)
+    if not on("nf4"):
+        model.to(device)
+    if on("sdpa"):
+        use_gpt_neo_sdpa(model)
+    if on("kbit_prep"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if on("lora"):
+        model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    if on("lora_autocast"):
+        # Without autocast, peft casts each adapted layer's input to the adapters' fp32 and their output back:
+        # two full-size copies per projection, 6 per block, in forward and again in recompute. Under autocast it
+        # skips them and the adapters' matmuls run in bf16 (fp32 weights and optimizer kept). Only these layers:
+        # whole-model autocast would also run layer norms and softmax in fp32.
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.forward = torch.autocast(device.type, dtype=half)(module.forward)
+    put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
+    if on("grad_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
+        for block in blocks[checkpoint_layers:] if checkpoint_layers is not None else []:
+            block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs
+    return model
+
+
+def main(argv=None):
+    with session("lightweight_big", MODEL, TECHNIQUES, argv, **SIZES) as run:
+        import torch
+        from transformers import TrainingArguments
+
+        on, half = run.on, run.bf16_or_fp16
+        model = load_model(run.weights, on, run.device, half, getattr(run.args, "checkpoint_layers", None))
+        if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
+            train_set = make_dataset(pack(run.train_records, run.args.seq_len))
+        else:
+            train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
+        optim = ("paged_adamw_8bit" if on("paged_adamw_8bit") else
+                 "paged_adamw_32bit" if on("paged_adamw_32bit") else "adamw_torch")
+        micro_batch = run.args.micro_batch
+        if on("auto_micro_batch") and run.args.gpu_memory_gib is not None and run.cuda:
+            micro_batch = run.largest_micro_batch(model, optim, autocast=on("bf16"))
+        training_args = TrainingArguments(
+            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch),
+            bf16=on("bf16") and half == torch.bfloat16, fp16=on("bf16") and half == torch.float16,
+            tf32=on("tf32"), optim=optim,
+            **run.shared_training_arguments(len(train_set), micro_batch))
+        run.train(model, training_args, train_set)
+    return run.summary
+
 
 if __name__ == "__main__":
     main()

@@ -1,28 +1,65 @@
 """The same job as before_small.py made fast, without changing what is learned.
 
-Same model, corpus, tokens per optimizer step, learning-rate schedule, seed and held-out blocks.
+Same model, corpus, tokens per optimizer step, learning-rate schedule, seed and held-out blocks. Each technique
+is one guarded block below; `--off NAME` switches one off (the ablation).
 
     python lightweight_small.py --help
 """
-from common import Recipe, main_for
+from common import make_dataset, pack, pad_pieces
+from harness import Technique, session
 
-RECIPE = Recipe(
-    script="lightweight_small",
-    model="facebook/opt-350m",
-    techniques=(
-        "bf16",          # bf16 autocast, fp32 master weights (fp16 where the GPU lacks bf16)
-        "tf32",          # TF32 for what stays in fp32
-        "packing",       # corpus cut into full 1024-token blocks: no pad tokens
-        "sdpa",          # fused attention kernels
-        "fused_adamw",   # one optimizer kernel for all parameters
-        "fused_ce",      # liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor
-        "compile",       # torch.compile of the decoder
-    ),
-    micro_batch=32,             # 32 x 1024 tokens per forward pass keeps the H200 busy
-    seq_len=1024,
-    tokens_per_step=32768,      # = 32 x 1024, no accumulation
-)
-main = main_for(RECIPE)
+MODEL = "facebook/opt-350m"
+SIZES = dict(micro_batch=32,           # 32 x 1024 tokens per forward pass keeps the H200 busy
+             seq_len=1024,
+             tokens_per_step=32768)    # = 32 x 1024, no accumulation; the same slots per step as before_small
+TECHNIQUES = {
+    "bf16": Technique("bf16 autocast, fp32 master weights (fp16 where the GPU lacks bf16)", cuda_only=True),
+    "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
+    "packing": Technique("corpus cut into full blocks, no pad tokens; off: one record per row, padded"),
+    "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
+    "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
+    "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
+    "compile": Technique("torch.compile of the decoder", cuda_only=True),
+}
+
+
+def load_model(weights, on, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.loss import put_loss_in_forward
+
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, use_cache=False,
+                                                 attn_implementation="sdpa" if on("sdpa") else "eager")
+    put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
+    return model.to(device)
+
+
+def main(argv=None):
+    with session("lightweight_small", MODEL, TECHNIQUES, argv, **SIZES) as run:
+        import torch
+        from transformers import TrainingArguments
+
+        on = run.on
+        model = load_model(run.weights, on, run.device)
+        micro_batch = run.args.micro_batch
+        if on("compile"):
+            model.model.compile()  # the decoder; the loss stays outside
+        if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
+            train_set = make_dataset(pack(run.train_records, run.args.seq_len))
+        else:
+            train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
+        training_args = TrainingArguments(
+            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch),
+            bf16=on("bf16") and run.bf16_or_fp16 == torch.bfloat16,  # autocast; fp32 master weights
+            fp16=on("bf16") and run.bf16_or_fp16 == torch.float16,
+            tf32=on("tf32"),
+            optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
+            dataloader_drop_last=on("compile"),  # a smaller last micro-batch would compile again
+            **run.shared_training_arguments(len(train_set), micro_batch))
+        run.train(model, training_args, train_set)
+    return run.summary
+
 
 if __name__ == "__main__":
     main()

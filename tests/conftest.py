@@ -32,3 +32,19 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+def tiny_script_model(script, cache_dir, off=(), seed=42):
+    """(model, source): `script.load_model` on the tiny model of its architecture, on the CPU."""
+    import torch
+
+    import common
+    from harness.cli import Switches
+    from harness.sources import resolve_model
+
+    source = resolve_model("tiny", "random", script.MODEL, common.load_corpus(SMALL_CORPUS), cache_dir)
+    weights = source.from_pretrained_path(42, cache_dir)
+    on = Switches(script.TECHNIQUES, off=off)
+    on.skip_cuda_only("CUDA only")
+    torch.manual_seed(seed)
+    return script.load_model(weights, on, torch.device("cpu"), torch.bfloat16), source

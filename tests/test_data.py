@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import before_small  # noqa: E402
 import common  # noqa: E402
 import lightweight_small  # noqa: E402
+from harness.loss import causal_lm_parts, lm_loss_sum  # noqa: E402
+from harness.sources import tiny_config  # noqa: E402
 
 PAD = 0  # the tokenizer's pad id is its EOS id, which also ends every real record
 
@@ -151,7 +153,7 @@ def test_loss_is_the_sum_over_kept_next_tokens(seed):
     hidden, weight, _, mask, labels = padded_batch(seed)
     expected, count = hand_loss(hidden, weight, labels)
     assert count == int(mask[:, 1:].sum()) == 11 + 8 + 4 + 0  # the first token of a row is never a target
-    loss = common.lm_loss_sum(hidden, weight, labels, fused=False)
+    loss = lm_loss_sum(hidden, weight, labels, fused=False)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -159,17 +161,17 @@ def test_loss_is_the_sum_over_kept_next_tokens(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_loss_ignores_positions_whose_next_label_is_padding(seed):
     hidden, weight, _, mask, labels = padded_batch(seed)
-    before = common.lm_loss_sum(hidden, weight, labels, fused=False)
+    before = lm_loss_sum(hidden, weight, labels, fused=False)
     ignored = torch.ones_like(mask, dtype=torch.bool)  # hidden[t] predicts labels[t+1]: unused where that is -100
     ignored[:, :-1] = labels[:, 1:] == -100  # the last position predicts nothing
     assert ignored.any() and not ignored.all()
     changed = hidden.clone()
     changed[ignored] = torch.randn(int(ignored.sum()), hidden.shape[-1]) * 100
-    after = common.lm_loss_sum(changed, weight, labels, fused=False)
+    after = lm_loss_sum(changed, weight, labels, fused=False)
     assert after.item() == pytest.approx(before.item(), rel=1e-6)
     # and a kept position does count: the test can tell
     changed[~ignored] += 1.0
-    assert common.lm_loss_sum(changed, weight, labels, fused=False).item() != pytest.approx(before.item(), rel=1e-3)
+    assert lm_loss_sum(changed, weight, labels, fused=False).item() != pytest.approx(before.item(), rel=1e-3)
 
 
 def test_padded_model_loss_ignores_the_pad_tokens():
@@ -177,15 +179,15 @@ def test_padded_model_loss_ignores_the_pad_tokens():
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = common.tiny_config(before_small.RECIPE.model, vocab_size=50)
+    config = tiny_config(before_small.MODEL, vocab_size=50)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    body, head = common.causal_lm_parts(model)
+    body, head = causal_lm_parts(model)
     _, _, ids, mask, labels = padded_batch(1)
 
     def loss(input_ids):
         with torch.no_grad():
             hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            return common.lm_loss_sum(hidden, head.weight, labels, fused=False).item()
+            return lm_loss_sum(hidden, head.weight, labels, fused=False).item()
 
     other = ids.clone()
     other[mask == 0] = torch.randint(1, 50, (int((mask == 0).sum()),))
@@ -228,14 +230,12 @@ def test_split_heldout_depends_on_position_only():
 
 
 def test_held_out_blocks_are_the_same_for_both_scripts_of_a_pair():
-    before = common.parse_args(before_small.RECIPE, [])
-    light = common.parse_args(lightweight_small.RECIPE, [])
-    assert (before.seq_len, light.seq_len) == (512, 1024)
+    before, light = before_small.SIZES["seq_len"], lightweight_small.SIZES["seq_len"]
+    assert (before, light) == (512, 1024)
     assert common.EVAL_BLOCK == 512
-    eval_blocks = {min(common.EVAL_BLOCK, args.seq_len) for args in (before, light)}
+    eval_blocks = {min(common.EVAL_BLOCK, seq_len) for seq_len in (before, light)}
     assert eval_blocks == {512}
     _, held = common.split_heldout(random_records(9, n=200))
-    blocks = [common.pack(held, min(common.EVAL_BLOCK, args.seq_len)) for args in (before, light)]
+    blocks = [common.pack(held, min(common.EVAL_BLOCK, seq_len)) for seq_len in (before, light)]
     assert len(blocks[0]) > 0
     np.testing.assert_array_equal(blocks[0], blocks[1])
-    assert before.corpus == light.corpus and before.seed == light.seed

@@ -86,7 +86,7 @@ def test_held_out_blocks_fill_whole_steps_over_the_processes():
     import common
 
     blocks = np.arange(5 * 4).reshape(5, 4)
-    assert len(common.whole_eval_steps(blocks, 1)) == 5
-    assert len(common.whole_eval_steps(blocks, 2)) == 4
-    assert (common.whole_eval_steps(blocks, 3) == blocks[:3]).all()
-    assert len(common.whole_eval_steps(blocks[:1], 2)) == 0  # run() refuses this corpus (exit 2)
+    assert len(common.blocks_in_whole_steps(blocks, 1)) == 5
+    assert len(common.blocks_in_whole_steps(blocks, 2)) == 4
+    assert (common.blocks_in_whole_steps(blocks, 3) == blocks[:3]).all()
+    assert len(common.blocks_in_whole_steps(blocks[:1], 2)) == 0  # run() refuses this corpus (exit 2)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import before_small  # noqa: E402
 import common  # noqa: E402
+from harness import budget, cli  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river stone cloud forest lantern harbor meadow signal").split()
@@ -48,7 +49,7 @@ def refused(argv, capsys, tmp_path) -> str:
     """Run before_small with argv; assert exit 2, one stderr line, nothing written; return that line."""
     with pytest.raises(SystemExit) as exit_info:
         before_small.main(argv)
-    assert exit_info.value.code == common.EXIT_BAD_INPUT == 2
+    assert exit_info.value.code == cli.EXIT_BAD_INPUT == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
@@ -93,7 +94,7 @@ def test_load_corpus_raises_input_error(tmp_path):
     """The library function itself (not only the script) refuses with InputError naming the file."""
     corpus = tmp_path / "x.json"
     corpus.write_text('[{"text": 1}]')
-    with pytest.raises(common.InputError, match="x.json"):
+    with pytest.raises(cli.InputError, match="x.json"):
         common.load_corpus(corpus)
 
 
@@ -110,8 +111,9 @@ def test_json_lines_corpus_equals_json_list(tmp_path):
 
 def test_good_corpus_passes_the_input_checks(good_corpus, cache, tmp_path):
     """The corpus the flag tests use is valid, so their exit 2 comes from the flag."""
-    args = common.parse_args(before_small.RECIPE, base_args(good_corpus, cache, tmp_path))
-    common.validate_args(args)
+    args, on = cli.parse_args("before_small", before_small.MODEL, {}, before_small.SIZES,
+                              base_args(good_corpus, cache, tmp_path))
+    cli.validate_args(args, on, world_size=1)
     texts = common.load_corpus(good_corpus)
     assert len(texts) == 45
 
@@ -211,6 +213,6 @@ def test_gpu_budget_out_of_range_exits_2(gib, phrase, good_corpus, cache, tmp_pa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: type("Props", (), {"total_memory": 16 * common.GIB})())
+                        lambda device: type("Props", (), {"total_memory": 16 * budget.GIB})())
     line = refused(base_args(good_corpus, cache, tmp_path) + ["--gpu-memory-gib", gib], capsys, tmp_path)
     assert "--gpu-memory-gib" in line and phrase in line

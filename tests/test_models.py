@@ -9,17 +9,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import before_small
 import common
 import lightweight_big
-from conftest import SMALL_CORPUS, TINY
+from conftest import SMALL_CORPUS, tiny_script_model
+from harness import budget, measure, sources
+from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
+from harness.loss import causal_lm_parts, lm_loss_sum
 
 
 def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
     import bitsandbytes as bnb
 
-    args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir)])
-    model_source = common.resolve_model(args, common.load_corpus(args.corpus))
-    tokenizer = model_source.tokenizer
-    model = common.load_model(model_source.materialize(args.seed, cache_dir), model_source.config, args,
-                              torch.device("cpu"))
+    model, source = tiny_script_model(lightweight_big, cache_dir)
+    tokenizer = source.tokenizer
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 6  # 2 layers x (q, k, v, out, c_fc, c_proj)
     assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in four_bit)  # double quant
@@ -27,9 +27,9 @@ def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 6 * 2  # lora_A and lora_B on each projection
 
-    body, head = common.causal_lm_parts(model)
+    body, head = causal_lm_parts(model)
     ids = torch.randint(0, len(tokenizer), (2, 32))
-    common.lm_loss_sum(body(input_ids=ids).last_hidden_state, head.weight, ids, fused=False).backward()
+    lm_loss_sum(body(input_ids=ids).last_hidden_state, head.weight, ids, fused=False).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and with_grad <= set(trainable)
 
@@ -39,12 +39,8 @@ def test_lora_autocast_runs_the_adapters_in_bf16_from_fp32_weights(cache_dir):
     gradients match the fp32 adapters' to bf16 precision."""
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     grads, dtypes = {}, {}
-    for extra in (["--off", "lora_autocast"], []):
-        args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir), *extra])
-        source = common.resolve_model(args, common.load_corpus(args.corpus))
-        weights = source.materialize(args.seed, cache_dir)
-        torch.manual_seed(0)  # the same adapter initialization both times
-        model = common.load_model(weights, source.config, args, torch.device("cpu"))
+    for extra in (["lora_autocast"], []):
+        model, _ = tiny_script_model(lightweight_big, cache_dir, off=extra, seed=0)  # the same adapters both times
         lora_b = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
         lora_b.register_forward_hook(lambda m, i, out, key=not extra: dtypes.update({key: out.dtype}))
         model(input_ids=ids, labels=ids).loss.backward()
@@ -57,7 +53,7 @@ def test_lora_autocast_runs_the_adapters_in_bf16_from_fp32_weights(cache_dir):
 
 
 def tiny_gpt_neo(window=8):
-    config = common.tiny_config("EleutherAI/gpt-neo-1.3B", vocab_size=128)
+    config = sources.tiny_config("EleutherAI/gpt-neo-1.3B", vocab_size=128)
     config.window_size = window
     config.attn_implementation = "eager"
     torch.manual_seed(0)
@@ -68,7 +64,7 @@ def tiny_gpt_neo(window=8):
 def test_gpt_neo_sdpa_matches_eager(padded):
     eager = tiny_gpt_neo(window=8)  # T=40 > window: the local layer's window matters
     sdpa = copy.deepcopy(eager)
-    assert common.use_gpt_neo_sdpa(sdpa) == 2
+    assert use_gpt_neo_sdpa(sdpa) == 2
     ids = torch.randint(0, 128, (2, 40))
     mask = torch.ones_like(ids)
     if padded:
@@ -88,7 +84,7 @@ def test_gpt_neo_sdpa_matches_eager(padded):
 def test_gpt_neo_sdpa_really_uses_the_window():
     """A token beyond the window must not influence the output of a local layer (and does for a global one)."""
     model = tiny_gpt_neo(window=4)
-    common.use_gpt_neo_sdpa(model)
+    use_gpt_neo_sdpa(model)
     local = model.transformer.h[1].attn.attention
     assert local.attention_type == "local"
     x = torch.randn(1, 12, model.config.hidden_size)
@@ -101,27 +97,27 @@ def test_gpt_neo_sdpa_really_uses_the_window():
 
 
 def test_random_init_round_trips_through_from_pretrained(cache_dir):
-    config = common.tiny_config("facebook/opt-350m", vocab_size=256)
-    folder = common.random_init_checkpoint(config, seed=7, cache_dir=cache_dir)
+    config = sources.tiny_config("facebook/opt-350m", vocab_size=256)
+    folder = sources.random_init_checkpoint(config, seed=7, cache_dir=cache_dir)
     assert (folder / "config.json").exists()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert common.random_init_checkpoint(config, seed=7, cache_dir=cache_dir) == folder  # saved once, reused
+    assert sources.random_init_checkpoint(config, seed=7, cache_dir=cache_dir) == folder  # saved once, reused
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     a = AutoModelForCausalLM.from_pretrained(folder)
     b = AutoModelForCausalLM.from_pretrained(folder)
     assert type(a).__name__ == "OPTForCausalLM" and a.config.num_hidden_layers == 2
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, msg=name)
-    other = AutoModelForCausalLM.from_pretrained(common.random_init_checkpoint(config, seed=8, cache_dir=cache_dir))
+    other = AutoModelForCausalLM.from_pretrained(sources.random_init_checkpoint(config, seed=8, cache_dir=cache_dir))
     assert not torch.equal(other.lm_head.weight, a.lm_head.weight)
 
 
 def test_unreachable_hub_falls_back_to_random_init_loudly(tmp_path, cache_dir, capsys, monkeypatch):
     configs = tmp_path / "configs"
     configs.mkdir()
-    tiny = common.tiny_config("facebook/opt-350m", vocab_size=512).to_dict()
+    tiny = sources.tiny_config("facebook/opt-350m", vocab_size=512).to_dict()
     (configs / "nobody--tiny-opt.json").write_text(json.dumps(tiny))
-    monkeypatch.setattr(common, "CONFIGS", configs)
+    monkeypatch.setattr(sources, "CONFIGS", configs)
     out = tmp_path / "out"
     summary = before_small.main(["--model", "nobody/tiny-opt", "--init", "pretrained", "--corpus", str(SMALL_CORPUS),
                                  "--seq-len", "64",
@@ -137,7 +133,7 @@ def test_plain_loss_is_token_mean_cross_entropy():
     weight = torch.randn(11, 8)
     labels = torch.randint(0, 11, (2, 6))
     labels[1, 4:] = -100
-    total = common.lm_loss_sum(hidden, weight, labels, fused=False)
+    total = lm_loss_sum(hidden, weight, labels, fused=False)
     logits = hidden[:, :-1] @ weight.t()
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
@@ -151,9 +147,9 @@ def test_fused_cross_entropy_matches_plain_on_gpu():
     weight = torch.randn(5000, 256, device="cuda", requires_grad=True)
     labels = torch.randint(0, 5000, (4, 128), device="cuda")
     labels[0, 100:] = -100
-    fused = common.lm_loss_sum(hidden, weight, labels, fused=True)
+    fused = lm_loss_sum(hidden, weight, labels, fused=True)
     grads_fused = torch.autograd.grad(fused, (hidden, weight))
-    plain = common.lm_loss_sum(hidden, weight, labels, fused=False)
+    plain = lm_loss_sum(hidden, weight, labels, fused=False)
     grads_plain = torch.autograd.grad(plain, (hidden, weight))
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-3)
     for a, b in zip(grads_fused, grads_plain):
@@ -162,15 +158,15 @@ def test_fused_cross_entropy_matches_plain_on_gpu():
 
 @pytest.mark.parametrize("model_id", ["facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"])
 def test_flops_per_token_counts_the_real_parameters(model_id):
-    config = AutoConfig.for_model(**json.loads(common.config_file(model_id).read_text()))
+    config = AutoConfig.for_model(**json.loads(sources.config_file(model_id).read_text()))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for name, p in model.named_parameters()
             if "embed_positions" not in name and "wpe" not in name and "bias" not in name
             and "layer_norm" not in name and ".ln_" not in name and "final_layer_norm" not in name)
     layers, d = config.num_hidden_layers, config.hidden_size
-    assert common.flops_per_token(config, 1024, frozen_base=False) == 6 * n + 12 * layers * d * 1024
-    assert common.flops_per_token(config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024
+    assert measure.flops_per_token(config, 1024, frozen_base=False) == 6 * n + 12 * layers * d * 1024
+    assert measure.flops_per_token(config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024
 
 
 def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
@@ -178,24 +174,22 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
 
     CUDA's allocator is simulated on the CPU: a trial of more than 4 sequences raises OutOfMemoryError, and a
     trial of 4 reports a peak above 90% of the budget, so 2 is the answer."""
-    args = common.parse_args(lightweight_big.RECIPE, [*TINY, "--cache-dir", str(cache_dir), "--gpu-memory-gib", "1"])
-    model_source = common.resolve_model(args, common.load_corpus(args.corpus))
-    model = common.load_model(model_source.materialize(args.seed, cache_dir), model_source.config, args,
-                              torch.device("cpu"))
+    model, _ = tiny_script_model(lightweight_big, cache_dir)
     tried, peak = [], {"bytes": 0}
-    real_loss = common.lm_loss_sum
+    real_loss = lm_loss_sum
 
     def loss(hidden, weight, labels, fused):
         tried.append(hidden.shape[0])
         if hidden.shape[0] > 4:
             raise torch.OutOfMemoryError("simulated")
-        peak["bytes"] = (0.95 if hidden.shape[0] == 4 else 0.5) * common.GIB
+        peak["bytes"] = (0.95 if hidden.shape[0] == 4 else 0.5) * budget.GIB
         return real_loss(hidden, weight, labels, fused)
 
-    monkeypatch.setattr(common, "lm_loss_sum", loss)
+    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
-    assert common.choose_micro_batch(model, args, torch.device("cpu"), largest=16) == 2
+    assert budget.choose_micro_batch(model, largest=16, seq_len=64, budget_gib=1, optim="paged_adamw_8bit",
+                                     autocast_dtype=None, device=torch.device("cpu")) == 2
     assert tried == [16, 8, 4, 2]
     assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind

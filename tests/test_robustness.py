@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import common
 import lightweight_small
 from conftest import TINY
+from harness.signals import find_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["--max-steps", "10", "--lr", "3e-3", "--eval-every", "10", "--save-every", "100"]
@@ -222,5 +222,4 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, cache_dir, capsys):
             str(cache_dir), "--wandb", "off"]
     lightweight_small.main(argv)
     (out / "checkpoint-4" / "trainer_state.json").unlink()  # as if killed while saving
-    args = common.parse_args(lightweight_small.RECIPE, [*argv, "--resume"])
-    assert Path(common.find_checkpoint(args)).name == "checkpoint-2"
+    assert Path(find_checkpoint(out, resume=True)).name == "checkpoint-2"

@@ -1,0 +1,16 @@
+"""The plumbing the four experiment scripts share, one concern per module; none of it imports torch at import.
+
+- cli: the flags every script takes, technique switches (`on("nf4")`), validation, exit codes
+- session: one training run from the command line to summary.json (`with session(...) as run`)
+- sources: where weights and tokenizer come from (hub, offline random init, tiny)
+- gpt_neo_sdpa: GPT-Neo attention through PyTorch's SDPA
+- loss: the causal-LM loss inside the model's forward (plain or liger's fused linear cross-entropy)
+- measure: the Trainer that measures tokens/s, memory and MFU; metrics.jsonl
+- wandb_run: the W&B run
+- budget: the GPU memory budget, the micro-batch probe and the out-of-memory report
+- signals: Ctrl-C / SIGTERM, checkpoints to resume from
+"""
+from harness.cli import Technique
+from harness.session import session
+
+__all__ = ["Technique", "session"]

@@ -1,0 +1,109 @@
+"""GPU memory: the --gpu-memory-gib budget, the micro-batch that fits it, and the out-of-memory report."""
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+from harness.cli import InputError
+
+GIB = 2**30
+
+
+def check_memory_budget(gib: float | None) -> None:
+    """Refuse a budget that cannot be applied. Without CUDA there is nothing to cap: an error, not a silent no-op."""
+    if gib is None:
+        return
+    if not torch.cuda.is_available():
+        raise InputError("--gpu-memory-gib needs a CUDA GPU (none is visible); drop the flag on the CPU")
+    total = torch.cuda.get_device_properties(0).total_memory
+    if gib * GIB > total:
+        raise InputError(f"--gpu-memory-gib {gib:g} is more than this GPU has ({total / GIB:.1f} GiB)")
+
+
+def apply_memory_budget(gib: float | None) -> None:
+    """Cap this process's CUDA caching allocator at `gib` GiB (None: the whole GPU) and reset the peak counter.
+
+    Under a cap the allocator uses expandable segments: with fixed-size segments, fragmentation alone made
+    lightweight_big fail under 2 GiB (1.3 GiB allocated at its peak). Set both ways, since one process may run
+    several recipes (the tests do); a PYTORCH_CUDA_ALLOC_CONF that names expandable_segments is left as it is.
+    """
+    if not torch.cuda.is_available():
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        # the runtime form of PYTORCH_CUDA_ALLOC_CONF; it applies to segments allocated from now on
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+            torch.cuda.memory._set_allocator_settings  # the older name (deprecated in torch 2.11)
+        setter(f"expandable_segments:{gib is not None}")
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else gib * GIB / total, device)
+    torch.cuda.reset_peak_memory_stats()
+
+
+def optimizer_bytes_per_parameter(optim: str) -> int:
+    """AdamW's two states per trainable parameter: 8 bytes in fp32, 2 in bitsandbytes' 8-bit optimizers."""
+    return 2 if "8bit" in optim else 8
+
+
+def state_memory_estimate_gib(model, optim: str) -> dict:
+    """What the recipe holds before activations: weights, gradients and optimizer states, in GiB."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    grads = trainable * 4 / GIB
+    optimizer = trainable * optimizer_bytes_per_parameter(optim) / GIB
+    return {"weights": weights, "gradients": grads, "optimizer states": optimizer}
+
+
+def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, optim: str, autocast_dtype,
+                       device) -> int:
+    """The largest micro-batch (halving from `largest`) whose forward and backward fit the budget.
+
+    Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
+    Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
+    autocast_dtype: the dtype the training step autocasts to (None: no autocast).
+    """
+    estimate = state_memory_estimate_gib(model, optim)["optimizer states"]
+    headroom = 0.9 * budget_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
+
+    def trial_peak(micro: int) -> int:
+        # a function, so that a trial's tensors (its graph too, when backward ran out of memory) are freed
+        # once it ends, before the next, smaller trial starts
+        placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
+        ids = torch.randint(0, 100, (micro, seq_len), device=device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del placeholder
+        return torch.cuda.max_memory_allocated()
+
+    model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
+    micro = largest
+    while True:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            if trial_peak(micro) <= headroom or micro == 1:
+                return micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+        finally:
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        micro //= 2
+
+
+def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int) -> str:
+    """The one line an out-of-memory run ends with: where, under what budget, and what the states need."""
+    budget = f"a {budget_gib:g} GiB budget" if budget_gib else "the GPU's memory"
+    need = ""
+    if estimate is not None:
+        need = (f"; before activations this recipe needs about {sum(estimate.values()):.1f} GiB: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in estimate.items()))
+    where = f" in process {rank} of {world_size}" if world_size > 1 else ""
+    return f"{script}: out of CUDA memory{where} under {budget} (peak {peak_gib or 0:.1f} GiB reached){need}"

@@ -1,0 +1,152 @@
+"""The command line every script shares: flags, technique switches, validation and exit codes.
+
+Nothing here imports torch, so `--help` and a bad flag answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightweight-finetune"
+
+EXIT_BAD_INPUT = 2
+EXIT_OOM = 3
+
+
+class InputError(Exception):
+    """A problem the user can fix (bad corpus, bad flag value): one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One switchable technique of a script: on by default unless `default=False` (then `--on NAME`)."""
+
+    help: str
+    default: bool = True
+    cuda_only: bool = False  # on the CPU it is skipped, and the run's record says so
+    needs: tuple[str, ...] = ()  # techniques it cannot work without
+
+
+class Switches:
+    """Which techniques this run uses. `on("nf4")` is the test a script's guarded block asks.
+
+    A technique asked for but skipped (a CUDA-only one on the CPU) answers False, and `record()` says why.
+    """
+
+    def __init__(self, declared: dict[str, Technique], off=(), on=()):
+        self.declared = declared
+        self.chosen = {name: (t.default and name not in off) or name in on for name, t in declared.items()}
+        self.skipped: dict[str, str] = {}
+
+    def __call__(self, name: str) -> bool:
+        if name not in self.declared:  # a typo in a script must not read as "off"
+            raise KeyError(f"unknown technique {name!r}; this script has: {', '.join(self.declared)}")
+        return self.chosen[name] and name not in self.skipped
+
+    def skip_cuda_only(self, reason: str) -> None:
+        for name, technique in self.declared.items():
+            if technique.cuda_only and self.chosen[name]:
+                self.skipped[name] = reason
+
+    def names_on(self) -> list[str]:
+        return [name for name in self.declared if self(name)]
+
+    def record(self) -> dict[str, str]:
+        """Every technique of the script: 'on', 'off', or 'skipped: why'."""
+        return {name: f"skipped: {self.skipped[name]}" if name in self.skipped else "on" if chosen else "off"
+                for name, chosen in self.chosen.items()}
+
+
+def build_parser(script: str, model: str, techniques: dict[str, Technique], sizes: dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{script}.py", description=f"{script}: fine-tune {model}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--corpus", default=str(REPO / "corpus.json"), help="JSON list (or JSON Lines) of {'text': ...}")
+    p.add_argument("--model", default=model, help="hub id, local path, or 'tiny' (2-layer CPU smoke model)")
+    p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
+                   help="random: exact architecture from configs/, random weights (automatic when the hub is unreachable)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--output-dir", default=str(REPO / "runs" / script), help="metrics.jsonl, summary.json, checkpoints")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="cap this process's CUDA memory (simulates a smaller GPU)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the data order, random init and adapters")
+    p.add_argument("--micro-batch", type=int, default=sizes["micro_batch"], help="sequences per forward pass")
+    p.add_argument("--seq-len", type=int, default=sizes["seq_len"], help="tokens per sequence")
+    p.add_argument("--tokens-per-step", type=int, default=sizes["tokens_per_step"],
+                   help="token slots per optimizer step (micro-batch x seq-len x accumulation)")
+    p.add_argument("--lr", type=float, default=sizes.get("learning_rate", 5e-5), help="peak learning rate (linear decay)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N steps (0: about four times per run); always at the end")
+    p.add_argument("--logging-steps", type=int, default=1, help="log every N optimizer steps")
+    if "grad_checkpointing" in techniques:
+        p.add_argument("--checkpoint-layers", type=int, default=None,
+                       help="with grad_checkpointing: how many transformer layers to checkpoint (None: all)")
+    add_switches(p, techniques)
+    p.add_argument("--wandb", choices=["auto", "online", "offline", "off"], default="auto",
+                   help="auto: online with credentials, else offline; WANDB_PROJECT names the project")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenizer, tokenized corpus and random-init checkpoints")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="save a checkpoint every N optimizer steps (0: only at the end); LoRA runs save adapters only")
+    p.add_argument("--no-checkpoints", action="store_true", help="save no checkpoints (benchmarks)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --output-dir: same data order, optimizer, schedule, "
+                        "metrics.jsonl and W&B run")
+    return p
+
+
+def add_switches(p: argparse.ArgumentParser, techniques: dict[str, Technique]) -> None:
+    """--off for the techniques on by default, --on for the others, each listed with what it does."""
+    for flag, default in (("--off", True), ("--on", False)):
+        names = [name for name, t in techniques.items() if t.default == default]
+        if names:
+            p.add_argument(flag, action="append", default=[], metavar="TECHNIQUE", choices=names,
+                           help=f"switch {'off one of the techniques on' if default else 'on a technique off'} by "
+                                f"default (repeatable): " + "; ".join(f"{n}: {techniques[n].help}" for n in names))
+
+
+def parse_args(script: str, model: str, techniques: dict[str, Technique], sizes: dict, argv=None):
+    """(args, switches). Unknown flags and bad choices end in argparse's usage line and exit 2."""
+    args = build_parser(script, model, techniques, sizes).parse_args(argv)
+    return args, Switches(techniques, off=getattr(args, "off", []), on=getattr(args, "on", []))
+
+
+def validate_args(args, on: Switches, world_size: int) -> None:
+    """Refuse values that cannot work before any work is done (InputError: one line, exit 2)."""
+    problems = []
+    for name in ("micro_batch", "seq_len", "tokens_per_step", "logging_steps"):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.epochs <= 0 and args.max_steps <= 0:
+        problems.append(f"--epochs must be positive (got {args.epochs:g}) unless --max-steps is given")
+    if args.max_steps == 0 or args.max_steps < -1:
+        problems.append(f"--max-steps must be positive (got {args.max_steps})")
+    for name in ("save_every", "eval_every"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be 0 or positive (got {getattr(args, name)})")
+    if args.resume and args.no_checkpoints:
+        problems.append("--resume and --no-checkpoints exclude each other")
+    if args.lr <= 0:
+        problems.append(f"--lr must be positive (got {args.lr:g})")
+    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
+        problems.append(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib:g})")
+    nearest = next((p for p in (Path(args.output_dir), *Path(args.output_dir).parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        problems.append(f"--output-dir {args.output_dir}: {nearest} is a file")
+    for name, technique in on.declared.items():
+        problems += [f"{name} needs {need}" for need in technique.needs if on.chosen[name] and not on.chosen[need]]
+    checkpoint_layers = getattr(args, "checkpoint_layers", None)
+    if checkpoint_layers is not None and (checkpoint_layers < 0 or not on.chosen["grad_checkpointing"]):
+        problems.append("--checkpoint-layers takes a count >= 0 and needs the grad_checkpointing technique")
+    if args.micro_batch > 0 and args.seq_len > 0 and args.tokens_per_step % (args.micro_batch * args.seq_len * world_size):
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        problems.append(f"--tokens-per-step {args.tokens_per_step} is not a multiple of --micro-batch x --seq-len"
+                        f"{processes} ({args.micro_batch} x {args.seq_len}{processes}): accumulation could not keep it")
+    if args.gpu_memory_gib is not None and on.chosen.get("auto_micro_batch") and world_size > 1:
+        problems.append("auto_micro_batch under --gpu-memory-gib works in one process only (each process could choose "
+                        "another size): pass --micro-batch, or --off auto_micro_batch")
+    if problems:
+        raise InputError("; ".join(problems))

@@ -1,0 +1,55 @@
+"""The causal-LM loss, computed inside the model's forward: plain, or liger's fused linear cross-entropy."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+
+def unwrap_peft(model):
+    """The transformers model itself: under peft, the model it wraps."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def causal_lm_parts(model):
+    """(body, lm_head) of a causal LM, unwrapping peft: the body returns hidden states, lm_head maps them to logits."""
+    hf = unwrap_peft(model)
+    return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+
+
+def put_loss_in_forward(model, fused: bool) -> None:
+    """Make the model's forward return this repo's loss (fused or plain, see `lm_loss_sum`) and no logits.
+
+    Replaces the causal LM's own forward (under peft, the wrapped model's), so that `model(input_ids=...,
+    labels=...)` through peft, accelerate's autocast, DistributedDataParallel or FSDP runs it: DDP synchronizes
+    gradients, and FSDP gathers the sharded weights (the tied output embedding too), only for work done inside
+    a forward call. The loss is summed over predicted tokens and divided by `num_items_in_batch` (the Trainer's
+    count over the whole accumulated step and all processes) or, without it, by this batch's count.
+    """
+    from transformers.modeling_outputs import CausalLMOutput
+
+    hf = unwrap_peft(model)
+
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **unused):
+        body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        loss = lm_loss_sum(hidden, head.weight, labels, fused)
+        count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+        return CausalLMOutput(loss=loss / count)
+
+    # An instance attribute, not a patch of the class: no public hook runs a custom loss inside forward.
+    hf.forward = forward
+
+
+def lm_loss_sum(hidden, weight, labels, fused: bool):
+    """Summed next-token cross-entropy over labels != -100, from hidden states and the output embedding.
+
+    fused: liger's fused linear cross-entropy (chunks the vocabulary projection; the B x T x V logits never exist).
+    Liger does not patch OPT or GPT-Neo, so the loss is wired here. Plain: logits in fp32, F.cross_entropy.
+    """
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = labels[:, 1:].reshape(-1)
+    weight = weight.to(hidden.dtype)
+    if fused:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels)
+    return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100, reduction="sum")

@@ -1,0 +1,152 @@
+"""What a run measures: tokens/s over loss-carrying tokens, step time, GPU memory and MFU, at every log."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+GIB = 2**30
+H200_BF16_TFLOPS = 790.0  # bf16 matrix rate measured on the benchmark H200 (8192^3 matmuls, random data)
+
+
+def cuda_memory_gib() -> dict:
+    """Allocated, reserved and peak CUDA memory in GiB (peak since the start: never reset); None on the CPU."""
+    if not torch.cuda.is_available():
+        return dict.fromkeys(("memory_allocated_gib", "memory_reserved_gib", "peak_memory_gib"))
+    return {"memory_allocated_gib": torch.cuda.memory_allocated() / GIB,
+            "memory_reserved_gib": torch.cuda.memory_reserved() / GIB,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB}
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts as its unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def flops_per_token(config, seq_len: int, frozen_base: bool) -> float:
+    """Training FLOPs per token: 6N (4N with a frozen base) + 12 L d T, N without position embeddings."""
+    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+    d = config.hidden_size
+    n = config.vocab_size * getattr(config, "word_embed_proj_dim", d)  # embeddings (tied head counts once)
+    if config.model_type == "opt":
+        proj = d * config.word_embed_proj_dim * 2 if config.word_embed_proj_dim != d else 0
+        n += proj + layers * (4 * d * d + 2 * d * config.ffn_dim)
+    else:
+        n += layers * (4 * d * d + 2 * d * (config.intermediate_size or 4 * d))
+    return (4 if frozen_base else 6) * n + 12 * layers * d * seq_len
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "wandb"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class MeasuringTrainer(Trainer):
+    """Trainer that measures, at every log, tokens/s, step time, memory and MFU, and appends metrics.jsonl.
+
+    tokens/s counts tokens that carry loss (not padding) over the wall time since the last log,
+    evaluation and checkpoint-saving time excluded; step_seconds is that time per optimizer step.
+    """
+
+    def __init__(self, *a, flops_per_token=None, peak_tflops=None, metrics_path=None, **kw):
+        super().__init__(*a, **kw)
+        self.model_accepts_loss_kwargs = True  # our forward divides by the tokens of the whole accumulated step
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.metrics_path = metrics_path  # None on every process but the first
+        self.tokens_trained = 0
+        self.windows = []  # (end_step, tokens, seconds) per training log
+        self._pending_tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
+        self._window_start = None
+        self._window_step = 0
+        self._paused_seconds = 0.0  # evaluation and checkpoint saving inside the current window
+        trainer = self
+
+        class WindowStart(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # after a resumed state is loaded
+                trainer._window_start, trainer._window_step = time.perf_counter(), state.global_step
+
+        self.add_callback(WindowStart())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:  # the loss itself is the model's forward (put_loss_in_forward)
+            self._pending_tokens += (inputs["labels"][:, 1:] != -100).sum()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _paused(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # queued training kernels belong to the training window
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.perf_counter() - start
+
+    def evaluate(self, *a, **kw):
+        with self._paused():
+            return super().evaluate(*a, **kw)
+
+    def _save_checkpoint(self, *a, **kw):  # private, but no callback runs before a save (on_save runs after)
+        with self._paused():
+            return super()._save_checkpoint(*a, **kw)
+
+    def log(self, logs, start_time=None):
+        logs = dict(logs)
+        if "loss" in logs and self._window_start is not None:  # a training log: close the window
+            # every process logs here; tokens are summed over them (.item() waits for the window's work)
+            tokens = int(self.accelerator.gather(self._pending_tokens.view(1)).sum().item())
+            now = time.perf_counter()
+            seconds = now - self._window_start - self._paused_seconds
+            steps = max(1, self.state.global_step - self._window_step)
+            self._pending_tokens.zero_()
+            self._window_start, self._window_step, self._paused_seconds = now, self.state.global_step, 0.0
+            self.tokens_trained += tokens
+            self.windows.append((self.state.global_step, tokens, seconds))
+            logs.update(tokens_per_second=tokens / seconds, step_seconds=seconds / steps,
+                        tokens_trained=self.tokens_trained)
+            mfu = self.mfu(tokens / seconds)
+            if mfu is not None:
+                logs["mfu"] = mfu
+        logs.update(self._memory_over_processes())
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+        super().log(logs, start_time)
+
+    def _memory_over_processes(self) -> dict:
+        """cuda_memory_gib(), each value the maximum over processes (every process calls log)."""
+        memory = cuda_memory_gib()
+        if self.args.world_size > 1 and memory["peak_memory_gib"] is not None:
+            values = torch.tensor(list(memory.values()), device=self.args.device).view(1, -1)
+            memory = dict(zip(memory, self.accelerator.gather(values).amax(0).tolist()))
+        return memory
+
+    def mfu(self, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilization: tokens/s x FLOPs per token / the GPU's peak (None where it is unknown)."""
+        if not (self.flops_per_token and self.peak_tflops):
+            return None
+        return tokens_per_second * self.flops_per_token / (self.peak_tflops * 1e12 * self.args.world_size)
+
+    def steady_tokens_per_second(self, warmup_steps: int) -> float | None:
+        """tokens/s over the windows that end after `warmup_steps` (compilation and allocator warm-up)."""
+        steady = [(t, s) for step, t, s in self.windows if step > warmup_steps] or \
+            [(t, s) for _, t, s in self.windows]
+        seconds = sum(s for _, s in steady)
+        return sum(t for t, _ in steady) / seconds if seconds > 0 else None

@@ -1,0 +1,304 @@
+"""One training run, from the command line to summary.json: `with session(...) as run:` in each script.
+
+Before the block: flags and corpus are checked (bad input: one line, exit 2, nothing written), the corpus is
+tokenized, the weights are located (a random-init checkpoint is saved on first use) and the memory budget is
+applied. In the block the script builds its model, data and TrainingArguments and calls `run.train(...)`.
+After it, whatever happened: summary.json, the end of the W&B run, and the exit code (3: out of memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import common
+from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, InputError, parse_args, validate_args
+from harness.signals import find_checkpoint
+
+GIB = 2**30
+
+
+@contextlib.contextmanager
+def session(script: str, model: str, techniques: dict, argv=None, **sizes):
+    """Yield a `Run` for `script` (defaults: `model`, `sizes`) as the command line `argv` asks."""
+    started = time.perf_counter()
+    args, on = parse_args(script, model, techniques, sizes, argv)
+    try:
+        run = Run(script, model, args, on)
+    except InputError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        interrupted(script)
+    failure = None
+    try:
+        run.load_weights()
+        yield run
+    except KeyboardInterrupt:
+        interrupted(script)
+    except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
+        failure = e
+    run.finish(failure, time.perf_counter() - started, argv)
+
+
+def interrupted(script: str):
+    """Ctrl-C outside the training loop (setup, loading, the final save): nothing to save, exit 130."""
+    print(f"\n{script}: interrupted", file=sys.stderr)
+    raise SystemExit(128 + signal.SIGINT) from None
+
+
+class Run:
+    """What a script's block works with (args, on, device, tokenizer, records, weights) and `train()`."""
+
+    def __init__(self, script: str, model: str, args, on):
+        self.script, self.args, self.on = script, args, on
+        # torchrun and `accelerate launch` describe the process group in the environment; one process: 1, 0, 0
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
+        validate_args(args, on, self.world_size)
+        self.checkpoint = find_checkpoint(args.output_dir, args.resume)
+        self.texts = common.load_corpus(args.corpus)
+
+        import torch  # after the cheap checks: a refusal above comes before this import
+
+        from harness.budget import check_memory_budget
+        from harness.sources import resolve_model
+
+        check_memory_budget(args.gpu_memory_gib)
+        self.source = resolve_model(args.model, args.init, model, self.texts, args.cache_dir)
+        self.tokenizer, self.config = self.source.tokenizer, self.source.config
+        self.prepare_records()
+
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)  # one GPU per process (torchrun: LOCAL_RANK)
+        else:
+            on.skip_cuda_only("CUDA only (this run is on the CPU)")
+        # the dtype the bf16 technique and half-precision weights use: fp16 on GPUs without bf16
+        self.bf16_or_fp16 = torch.bfloat16 if not self.cuda or torch.cuda.is_bf16_supported() else torch.float16
+        self.summary = {"script": script, "model": args.model, "init": self.source.init, "oom": False,
+                        "budget_gib": args.gpu_memory_gib, "techniques": on.names_on(),
+                        "techniques_skipped": dict(on.skipped), "seq_len": args.seq_len,
+                        "processes": self.world_size, "eval_blocks": len(self.eval_set), "micro_batch": None}
+        if self.world_size > 1:
+            self.summary["how_measured"] = ("tokens, tokens/s and MFU: total over the processes (MFU per GPU); "
+                                            "memory: the maximum over the processes, each on its own GPU")
+        self.output_dir = Path(args.output_dir)
+        self.metrics_path = self.output_dir / "metrics.jsonl" if self.main_process else None
+        self.trainer = self.wandb_run = self.model = None
+        self.optim = "adamw_torch"  # for the out-of-memory estimate, until the script names its optimizer
+
+    def prepare_records(self) -> None:
+        """Tokenized training records and held-out blocks; InputError if the corpus cannot fill them."""
+        args = self.args
+        if args.seq_len > self.config.max_position_embeddings:
+            raise InputError(f"--seq-len {args.seq_len} is beyond {args.model}'s "
+                             f"{self.config.max_position_embeddings} positions")
+        self.train_records, eval_ids = common.training_records_and_heldout_blocks(
+            self.tokenizer, self.texts, args.seq_len, self.world_size, args.cache_dir, args.corpus)
+        self.train_tokens = sum(len(r) for r in self.train_records)
+        self.eval_set = common.make_dataset(eval_ids)
+
+    def load_weights(self) -> None:
+        """Seed, output folder, weights on disk (random init saved once) and the budget: all before the model."""
+        from transformers import set_seed
+
+        from harness.budget import apply_memory_budget
+
+        set_seed(self.args.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.weights = self.source.from_pretrained_path(self.args.seed, self.args.cache_dir)  # before the cap:
+        apply_memory_budget(self.args.gpu_memory_gib)  # a random init may be built on the GPU
+
+    def accumulation(self, micro_batch: int) -> int:
+        """Micro-batches per optimizer step, so that a step is --tokens-per-step over all processes."""
+        return max(1, self.args.tokens_per_step // (micro_batch * self.args.seq_len * self.world_size))
+
+    def largest_micro_batch(self, model, optim: str, autocast: bool) -> int:
+        """The largest micro-batch, halving from --micro-batch, whose trial step fits --gpu-memory-gib."""
+        from harness.budget import choose_micro_batch
+
+        self.optim = optim
+        self.summary["micro_batch"] = None  # unknown until a trial fits
+        return choose_micro_batch(model, self.args.micro_batch, self.args.seq_len, self.args.gpu_memory_gib, optim,
+                                  self.bf16_or_fp16 if autocast else None, self.device)
+
+    def shared_training_arguments(self, train_rows: int, micro_batch: int) -> dict:
+        """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""
+        args = self.args
+        steps_per_epoch = math.ceil(train_rows / (micro_batch * self.accumulation(micro_batch) * self.world_size))
+        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
+        return dict(
+            output_dir=str(self.output_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
+            learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
+            logging_steps=args.logging_steps, eval_strategy="steps",
+            eval_steps=args.eval_every or math.ceil(total_steps / 4),
+            save_strategy="no" if args.no_checkpoints else "steps", save_steps=args.save_every or total_steps,
+            save_total_limit=2, report_to="none",  # W&B: the run started by `train`, through its callback
+            prediction_loss_only=True, use_cpu=not self.cuda, dataloader_pin_memory=self.cuda,
+            disable_tqdm=False, remove_unused_columns=False,
+            ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
+        )
+
+    def train(self, model, training_args, train_set) -> None:
+        """Start W&B, train with the measuring Trainer, and record the results in the summary."""
+        import torch
+
+        from harness.measure import H200_BF16_TFLOPS, MeasuringTrainer, flops_per_token, parameter_counts
+        from harness.signals import StopOnSignal, restart_metrics
+        from harness.wandb_run import wandb_callback
+
+        args, micro_batch = self.args, training_args.per_device_train_batch_size
+        self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
+        self.summary["micro_batch"] = micro_batch
+        # evaluation in micro-batches, or one block at a time where no held-out block may be dropped (drop_last)
+        # or several processes share a step (blocks_in_whole_steps)
+        one_by_one = training_args.dataloader_drop_last or self.world_size > 1
+        training_args.per_device_eval_batch_size = 1 if one_by_one else micro_batch
+        training_args._n_gpu = min(training_args.n_gpu, 1)  # one GPU per run, no DataParallel: no public switch
+        resume_step = int(Path(self.checkpoint).name.split("-")[-1]) if self.checkpoint else None
+        tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
+        self.summary["trainable_params"], self.summary["total_params"] = trainable, total = parameter_counts(model)
+        self.start_wandb(training_args)
+        gpu = torch.cuda.get_device_name(0) if self.cuda else ""
+        self.trainer = MeasuringTrainer(
+            model=model, args=training_args, train_dataset=train_set, eval_dataset=self.eval_set,
+            callbacks=[wandb_callback()] if self.wandb_run is not None else None,
+            flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
+            peak_tflops=H200_BF16_TFLOPS if "H200" in gpu else None, metrics_path=self.metrics_path)
+        self.trainer.tokens_trained = tokens_before
+        self.summary["parallelism"] = self.trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP...
+        stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
+                               launched="TORCHELASTIC_RUN_ID" in os.environ)
+        self.trainer.add_callback(stopper.callback())
+        if self.cuda:
+            torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
+        with stopper:
+            result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
+        if stopper.signum is not None:
+            self.summary["interrupted"] = signal.Signals(stopper.signum).name
+        self.summarize_training(result.metrics["train_runtime"], tokens_before)
+
+    def summarize_training(self, train_seconds: float, tokens_before: int) -> None:
+        trainer = self.trainer
+        train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+        total_steps = trainer.state.max_steps
+        self.summary.update(
+            train_seconds=train_seconds, tokens_trained=trainer.tokens_trained,
+            tokens_per_second=(trainer.tokens_trained - tokens_before) / train_seconds,
+            steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(5, total_steps // 3)),
+            final_train_loss=train_losses[-1] if train_losses else None,
+            final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step)
+
+    def start_wandb(self, training_args) -> None:
+        """Print the run's line and start W&B with the whole configuration (first process only)."""
+        import torch
+
+        from harness.measure import versions
+        from harness.wandb_run import start_wandb
+
+        args, micro_batch = self.args, training_args.per_device_train_batch_size
+        accumulation = training_args.gradient_accumulation_steps
+        trainable, total = self.summary["trainable_params"], self.summary["total_params"]
+        if not self.main_process:
+            return
+        config = {
+            "script": self.script, "model": args.model, "init": self.source.init, "init_note": self.source.note,
+            "corpus": str(args.corpus), "corpus_records": len(self.texts), "train_tokens_per_epoch": self.train_tokens,
+            "techniques": self.on.record(), "micro_batch": micro_batch, "seq_len": args.seq_len,
+            "gradient_accumulation": accumulation, "processes": self.world_size,
+            "tokens_per_step": micro_batch * args.seq_len * self.world_size * accumulation, "epochs": args.epochs,
+            "max_steps": args.max_steps, "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
+            "checkpoint_layers": getattr(args, "checkpoint_layers", None), "optimizer": self.optim,
+            "gpu": torch.cuda.get_device_name(0) if self.cuda else "cpu", "versions": versions(),
+            "trainable_params": trainable, "total_params": total,
+        }
+        processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
+        print(f"{self.script}: {args.model} ({self.source.note}), {trainable:,} of {total:,} parameters train; "
+              f"micro-batch {micro_batch} x {args.seq_len} x {accumulation} accumulation{processes}; "
+              f"techniques: {', '.join(self.on.names_on()) or 'none'}", file=sys.stderr)
+        self.wandb_run = start_wandb(self.script, args.wandb, args.resume, config, self.output_dir)
+
+    def finish(self, failure: Exception | None, script_seconds: float, argv) -> None:
+        """Write summary.json and end W&B whatever happened; then exit as the outcome says (or return)."""
+        import torch
+
+        crash = None
+        if isinstance(failure, torch.OutOfMemoryError):
+            self.summary["oom"] = True
+        elif failure is not None:
+            crash = failure  # re-raised below, with its traceback
+            self.summary["error"] = f"{type(failure).__name__}: {failure}"
+        if failure is not None and self.trainer is not None:
+            self.summary.update(steps=self.trainer.state.global_step, tokens_trained=self.trainer.tokens_trained)
+        self.summary.update(peak_memory_gib=self.peak_memory_gib(failure is None), script_seconds=script_seconds)
+        if self.trainer is not None and self.summary.get("steady_tokens_per_second"):
+            self.summary["mfu"] = self.trainer.mfu(self.summary["steady_tokens_per_second"])
+        if self.cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow
+            self.summary["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries")
+        if self.summary["oom"]:
+            self.summary["oom_message"] = self.oom_message()
+        self.write_summary(failed=failure is not None)
+        self.trainer = self.model = None
+        if crash is not None:
+            raise crash
+        self.exit_as_the_outcome_says(argv)
+
+    def peak_memory_gib(self, all_processes_alive: bool) -> float | None:
+        """Peak CUDA memory since the budget was applied; the maximum over the processes where all can join."""
+        import torch
+
+        if not self.cuda:
+            return None
+        peak = torch.cuda.max_memory_allocated() / GIB
+        if self.world_size > 1 and all_processes_alive:  # a failed process would not join this
+            peak_over_processes = torch.tensor([peak], device=self.device)
+            torch.distributed.all_reduce(peak_over_processes, op=torch.distributed.ReduceOp.MAX)
+            peak = peak_over_processes.item()
+        return peak
+
+    def oom_message(self) -> str:
+        from harness.budget import oom_message, state_memory_estimate_gib
+
+        estimate = state_memory_estimate_gib(self.model, self.optim) if self.model is not None else None
+        return oom_message(self.script, self.args.gpu_memory_gib, self.summary["peak_memory_gib"], estimate,
+                           self.rank, self.world_size)
+
+    def write_summary(self, failed: bool) -> None:
+        from harness.wandb_run import finish_wandb
+
+        if self.main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        elif failed:  # the first process may never get to write its summary
+            (self.output_dir / f"summary-rank{self.rank}.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        if self.wandb_run is not None:
+            finish_wandb(self.wandb_run, self.summary, failed, self.script)
+
+    def exit_as_the_outcome_says(self, argv) -> None:
+        """Exit 3 after an out-of-memory, 128 + signal after Ctrl-C / SIGTERM; else print the results."""
+        summary = self.summary
+        if summary["oom"]:
+            print(summary["oom_message"], file=sys.stderr)
+            raise SystemExit(EXIT_OOM)
+        if "interrupted" in summary:
+            again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+            command = f"python {self.script}.py" if self.world_size == 1 else "the same launcher command"
+            if self.main_process:
+                print(f"{self.script}: stopped by {summary['interrupted']} after step {summary.get('steps')}"
+                      + (f"; resume with: {command} {' '.join(again + ['--resume'])}"
+                         if not self.args.no_checkpoints else " (no checkpoints: --no-checkpoints)"), file=sys.stderr)
+            raise SystemExit(128 + getattr(signal, summary["interrupted"]))
+        if self.main_process:
+            print(f"{self.script}: done: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                if k in ("tokens_per_second", "steady_tokens_per_second", "mfu", "peak_memory_gib", "train_seconds",
+                         "final_train_loss", "final_eval_loss") and v is not None), file=sys.stderr)
+

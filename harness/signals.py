@@ -1,0 +1,89 @@
+"""Stopping and resuming: Ctrl-C / SIGTERM finish the step and save; --resume finds the checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from harness.cli import InputError
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders in `out`, oldest first, that were written to the end (trainer_state.json is last)."""
+    found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if out.is_dir() else []
+    return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_checkpoint(output_dir, resume: bool) -> str | None:
+    """For --resume, the newest complete checkpoint in --output-dir; without --resume, make sure there is none
+    (a fresh run there would leave an older run's checkpoints for a later --resume to pick up)."""
+    out = Path(output_dir)
+    checkpoints = complete_checkpoints(out)
+    if resume and not checkpoints:
+        raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume first)")
+    if not resume and checkpoints:
+        raise InputError(f"--output-dir {out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         f"or choose another --output-dir (or delete them)")
+    return str(checkpoints[-1]) if resume else None
+
+
+def restart_metrics(path: Path, resume_step: int | None) -> int:
+    """Start metrics.jsonl afresh, or on resume keep the rows up to the checkpoint's step (later rows will be
+    logged again). Returns the tokens trained up to there."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return max((r["tokens_trained"] for r in kept if "tokens_trained" in r), default=0)
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM during training: finish the optimizer step, save a checkpoint, stop cleanly.
+
+    A second Ctrl-C exits at once. Used as a context manager around `trainer.train()`; `callback()` is the
+    TrainerCallback that turns the request into `should_save` and `should_training_stop`.
+    """
+
+    def __init__(self, script: str, save: bool, quiet: bool = False, launched: bool = False):
+        self.script, self.save, self.quiet, self.signum, self._previous = script, save, quiet, None, {}
+        self.launched = launched  # under torchrun / accelerate launch, which forward the signal
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            os._exit(128 + signum)  # second Ctrl-C: no checkpoint, no cleanup
+        self.signum = signum
+        message = (f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
+                   + (" and saving a checkpoint" if self.save else "")
+                   + (" (Ctrl-C again to quit at once)\n" if not self.launched else
+                      " (the launcher kills the processes after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, default 30)\n"))
+        if not self.quiet:  # under torchrun every process gets the signal: one message is enough
+            os.write(sys.stderr.fileno(), message.encode())  # not print: the signal may interrupt a stderr write
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class StopCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if args.world_size > 1:  # all processes stop after the same step, or the others would wait forever
+                    signum = torch.tensor([stopper.signum or 0], device=args.device)
+                    torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+                    stopper.signum = stopper.signum or int(signum.item()) or None
+                if stopper.signum is not None:
+                    control.should_training_stop = True
+                    control.should_save = stopper.save
+                if control.should_training_stop or state.global_step >= state.max_steps:
+                    control.should_log = True  # the steps since the last log are counted, not lost
+
+        return StopCallback()

@@ -1,0 +1,158 @@
+"""Where weights and tokenizer come from: the hub, a local folder, the offline random-init path, or `tiny`.
+
+The offline path builds the exact architecture from the real config.json kept in configs/, saves it once with
+random weights and loads it through the same `from_pretrained` as pretrained weights.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common import content_hash, corpus_tokenizer
+from harness.cli import REPO, InputError
+
+CONFIGS = REPO / "configs"
+
+
+def config_file(model_id: str) -> Path:
+    return CONFIGS / (model_id.replace("/", "--") + ".json")
+
+
+def tiny_config(model_id: str, vocab_size: int):
+    """A 2-layer, narrow model of the same architecture as `model_id` (for CPU smoke runs)."""
+    from transformers import AutoConfig
+
+    base = json.loads(config_file(model_id).read_text())
+    if base["model_type"] == "opt":
+        base.update(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                    max_position_embeddings=1024)
+    elif base["model_type"] == "gpt_neo":
+        base.update(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                    attention_layers=["global", "local"], window_size=16, max_position_embeddings=1024)
+    base.update(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return AutoConfig.for_model(**base)
+
+
+def hub_reachable(model_id: str) -> tuple[bool, str]:
+    """(True, '') when `model_id`'s config can be had from the local cache or the hub; else (False, why).
+
+    Without a network the hub client retries for about half a minute; a 3-second connection probe first
+    keeps an offline start quick. An id the reachable hub does not know is an InputError.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_id, local_files_only=True)
+        return True, ""
+    except OSError:
+        pass
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(flag, "0").lower() in ("1", "true", "yes", "on"):
+            return False, f"{flag} is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
+    if not proxied:  # through a proxy only the hub client itself can tell
+        try:
+            port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+            socket.create_connection((endpoint.hostname, port), timeout=3).close()
+        except OSError as e:
+            return False, f"cannot connect to {endpoint.hostname}: {e}"
+    try:
+        AutoConfig.from_pretrained(model_id)
+        return True, ""
+    except OSError as e:  # transformers wraps the hub's errors in OSError
+        if isinstance(e.__cause__, RepositoryNotFoundError) and not isinstance(e.__cause__, GatedRepoError):
+            raise InputError(f"model {model_id}: the hub does not know it (check the id, or pass a local path)") from None
+        return False, str(e).splitlines()[0]
+
+
+def random_init_checkpoint(config, seed: int, cache_dir: Path) -> Path:
+    """Save a randomly initialized model of `config` once and return its folder, loadable by `from_pretrained`.
+
+    Loading through `from_pretrained` (not `from_config`) keeps one code path for pretrained and random weights,
+    so 4-bit quantization runs the real loading code.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(cache_dir) / "random-init" / f"{config.model_type}-{content_hash(config.to_json_string(), seed)}"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 1.3B weights is much faster there
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)  # keeps the key
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 on disk halves the write; loading upcasts as asked
+        del model
+        try:
+            tmp.replace(folder)
+        except OSError:  # another process of the same launch finished first: same seed, same weights
+            if not (folder / "config.json").exists():
+                raise
+            shutil.rmtree(tmp)
+    return folder
+
+
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer come from: a hub id or folder (`path`), or a config to build with random weights."""
+
+    config: object
+    path: str | Path | None
+    tokenizer: object
+    init: str
+    note: str
+
+    def from_pretrained_path(self, seed: int, cache_dir) -> str | Path:
+        """The id or folder to give `from_pretrained`; for random weights, the checkpoint saved on first use."""
+        return self.path if self.path is not None else random_init_checkpoint(self.config, seed, cache_dir)
+
+
+def resolve_model(model: str, init: str, architecture: str, texts: list[str], cache_dir) -> ModelSource:
+    """Where `model` (a hub id, folder or 'tiny') comes from; writes nothing but the (cached) corpus tokenizer.
+
+    `architecture` is the script's own model id: 'tiny' is a 2-layer version of it.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    cache = Path(cache_dir)
+    if model == "tiny":
+        tokenizer = corpus_tokenizer(texts, 1024, cache)
+        return ModelSource(tiny_config(architecture, len(tokenizer)), None, tokenizer, "random",
+                           "tiny 2-layer model, random weights")
+    if init == "pretrained":
+        ok, why = hub_reachable(model)
+        if ok:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return ModelSource(AutoConfig.from_pretrained(model), model, tokenizer, "pretrained",
+                               "pretrained weights")
+        if not config_file(model).exists() and not (Path(model) / "config.json").exists():
+            raise InputError(f"model {model}: not on the hub's reach and not cached ({why}); download it once "
+                             f"where the hub is reachable, pass a local folder, or add its config.json to configs/ "
+                             f"and use --init random")
+        print(f"\n{'!' * 78}\n!! {model} is not reachable on the hub and not cached ({why}).\n"
+              f"!! Falling back to --init random: the exact architecture with RANDOM weights.\n"
+              f"!! Speed and memory are the real model's; the loss is NOT a pretrained model's.\n{'!' * 78}\n",
+              file=sys.stderr)
+    local = Path(model) / "config.json"
+    if local.exists():
+        config = AutoConfig.from_pretrained(local.parent)
+    elif config_file(model).exists():
+        config = AutoConfig.for_model(**json.loads(config_file(model).read_text()))
+    else:
+        raise InputError(f"--init random: configs/ has no architecture for {model} "
+                         f"(known: {', '.join(p.stem.replace('--', '/') for p in sorted(CONFIGS.glob('*.json')))})")
+    note = "random weights (hub unreachable: automatic fallback)" if init == "pretrained" else "random weights"
+    return ModelSource(config, None, corpus_tokenizer(texts, config.vocab_size, cache), "random", note)

@@ -1,0 +1,77 @@
+"""The W&B run: one project, the script's name as the group, offline without credentials."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+WANDB_PROJECT = "lightweight-finetune"
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B has an API key here: WANDB_API_KEY, or a netrc entry for its host (where `wandb login` writes)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    for path in (os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"):
+        try:
+            if path and Path(path).exists() and netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
+def start_wandb(script: str, mode: str, resume: bool, config: dict, output_dir: Path):
+    """Start the run (project $WANDB_PROJECT or WANDB_PROJECT, group = script) or return None.
+
+    mode is --wandb's: auto is online with credentials, else offline, so it never waits at a login prompt.
+    On --resume the run id kept in OUTPUT_DIR/wandb_run_id.txt continues the same run.
+    """
+    if mode == "off":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print(f"{script}: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        return None
+    id_file = Path(output_dir) / "wandb_run_id.txt"
+    mode = None if mode == "auto" else mode
+    if mode is None and "WANDB_MODE" not in os.environ:  # an explicit WANDB_MODE is the user's choice
+        mode = "online" if wandb_credentials() else "offline"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
+    kwargs = dict(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=script, job_type="train",
+                  name=f"{script}-{run_id}", id=run_id, resume="allow", config=config, dir=str(output_dir))
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # W&B trouble never stops training
+        print(f"{script}: warning: W&B unavailable ({type(e).__name__}: {e}); logging offline", file=sys.stderr)
+        try:
+            run = wandb.init(mode="offline", **kwargs)
+        except Exception as e:
+            print(f"{script}: warning: W&B offline failed too ({type(e).__name__}); "
+                  "logging to metrics.jsonl only", file=sys.stderr)
+            return None
+    id_file.write_text(run_id + "\n")
+    return run
+
+
+def finish_wandb(run, summary: dict, failed: bool, script: str) -> None:
+    """Record the summary, end the run, and say how to upload an offline one."""
+    run.summary.update(summary)
+    offline = run.settings.mode == "offline"
+    run_dir = Path(run.dir).parent
+    run.finish(exit_code=1 if failed else 0)
+    if offline:
+        print(f"{script}: W&B run saved offline; upload it with: wandb sync {run_dir}", file=sys.stderr)
+
+
+def wandb_callback():
+    """transformers' W&B callback: it logs train/ and eval/ metrics to the run already started."""
+    from transformers.integrations import WandbCallback
+
+    return WandbCallback()
