@@ -95,7 +95,7 @@ def read_offline_run(run_dir: Path) -> dict:
             config.update({(i.key or "/".join(i.nested_key)): i.value_json for i in record.config.update})
         elif kind == "exit":
             exited = True
-    if not exited:  # what `wandb sync` looks for: a run whose log ends without one was never finished
+    if not exited:  # finish() writes one (deliver_exit); a log without it was not finished or is cut short
         raise AssertionError(f"{wandb_file}: no exit record in its {count} records ({len(data)} bytes): "
                              "the run was not finished, or the file is not written out in full")
     return {"history": history, "summary": summary, "config": config, "group": group}
