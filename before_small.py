@@ -35,9 +35,9 @@ def main(argv=None, script="before_small", model=MODEL, sizes=SIZES):
         micro_batch = run.args.micro_batch
         train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
         training_args = TrainingArguments(
-            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch),
+            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             optim="adamw_torch",  # plain AdamW, as in the original experiment (transformers 5 defaults to fused)
-            **run.shared_training_arguments(len(train_set), micro_batch))
+            **run.shared_training_arguments(train_set, micro_batch))
         run.train(model, training_args, train_set)
     return run.summary
 

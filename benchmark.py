@@ -20,6 +20,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+import benchmark_jobs
 import lightweight_big
 from harness.cli import EXIT_OOM, REPO
 
@@ -38,7 +39,7 @@ SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tok
 
 def ablations(script, steps):
     techniques = importlib.import_module(script).TECHNIQUES
-    skip = {"lora", "auto_micro_batch"}  # nf4 cannot train without lora; auto_micro_batch acts only under a budget
+    skip = {"lora", "auto_micro_batch"}  # nf4 cannot train without lora; auto_micro_batch: see the budget rows
     return [dict(name=f"{script}-no-{t}", script=script, ablation=t,
                  argv=["--max-steps", str(steps), "--eval-every", str(steps), "--off", t])
             for t, technique in techniques.items() if technique.default and t not in skip]
@@ -46,9 +47,16 @@ def ablations(script, steps):
 
 GROUPS = {
     "main": [
-        dict(name="before_small", script="before_small", argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5"]),
+        # before_small's step is 24 padded micro-batches (the same corpus tokens as lightweight_small's one)
+        dict(name="before_small", script="before_small", argv=["--max-steps", "10", "--logging-steps", "2"]),
         dict(name="lightweight_small", script="lightweight_small",
              argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5"]),
+        dict(name="lightweight_small-16gib", script="lightweight_small",
+             argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5", "--gpu-memory-gib", "16"]),
+        dict(name="lightweight_small-24gib", script="lightweight_small",
+             argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5", "--gpu-memory-gib", "24"]),
+        dict(name="lightweight_small-8gib", script="lightweight_small",
+             argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5", "--gpu-memory-gib", "8"]),
         dict(name="before_big-16gib", script="before_big", argv=["--max-steps", "2", "--gpu-memory-gib", "16"]),
         dict(name="before_big", script="before_big", argv=["--max-steps", "4"]),
         dict(name="lightweight_big", script="lightweight_big", argv=["--max-steps", str(BIG_STEPS)]),
@@ -65,13 +73,16 @@ GROUPS = {
     "ablation_small": ablations("lightweight_small", ABLATION_STEPS),
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time
+    "job": benchmark_jobs.SCRIPTS,  # each script's default job, cold then warm (benchmark_jobs.py)
 }
 
 
 def read_curves(output_dir: Path) -> dict:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"train": [[r["step"], r["loss"]] for r in rows if "loss" in r],
-            "eval": [[r["step"], r["eval_loss"]] for r in rows if "eval_loss" in r]}
+            "eval": [[r["step"], r["eval_loss"]] for r in rows if "eval_loss" in r],
+            "train_time": [[r["job_seconds"], r["loss"]] for r in rows if "loss" in r and "job_seconds" in r],
+            "eval_time": [[r["job_seconds"], r["eval_loss"]] for r in rows if "eval_loss" in r and "job_seconds" in r]}
 
 
 def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
@@ -152,8 +163,8 @@ def fmt(v, spec=".3g"):
 def report(results: dict) -> None:
     """results/benchmark.md and the plots, from the JSON."""
     runs = {r["name"]: r for r in results["runs"]}
-    order = [spec["name"] for group, specs in GROUPS.items() if group != "sweep" for spec in specs]
-    ordered = sorted(results["runs"], key=lambda r: (order.index(r["name"]), 0) if r["name"] in order
+    order = [spec["name"] for group, specs in GROUPS.items() if group not in ("sweep", "job") for spec in specs]
+    ordered = sorted((r for r in results["runs"] if not r.get("job")), key=lambda r: (order.index(r["name"]), 0) if r["name"] in order
                      else (len(order), r["script"], -(r.get("budget_gib") or 0)))  # then the sweep, per script
     lines = [f"# Benchmark results\n", f"GPU: {results.get('gpu')}; date: {results.get('date')}; "
              f"{versions_line(results.get('versions', {}))}.\n", "Command: `python benchmark.py` (see its docstring); "
@@ -177,8 +188,10 @@ def report(results: dict) -> None:
     if sweeps:
         lines += ["\n## Smallest budget that trains (0.5 GiB steps)\n", "| script | --gpu-memory-gib |", "|---|---|"]
         lines += [f"| {s} | {b:g} |" for s, b in sweeps.items()]
+    lines += benchmark_jobs.job_table(runs)
     (RESULTS / "benchmark.md").write_text("\n".join(lines) + "\n")
     plots(results)
+    benchmark_jobs.loss_against_time_plot(runs, RESULTS)
     print(f"wrote {RESULTS}/benchmark.md and plots", file=sys.stderr)
 
 
@@ -273,11 +286,16 @@ def main(argv=None):
         out.write_text(json.dumps(part, indent=1) + "\n")
 
     wanted = set(args.runs.split(",")) if args.runs else None
+    if "job" in groups and not args.smoke:
+        benchmark_jobs.warm_bytecode()
     for group in groups:
         for spec in GROUPS[group]:
-            if wanted is not None and (spec if group == "sweep" else spec["name"]) not in wanted:
+            name = spec if group == "sweep" else f"job-{spec}" if group == "job" else spec["name"]
+            if wanted is not None and name not in wanted:
                 continue
-            if group == "sweep":
+            if group == "job":
+                save(benchmark_jobs.job_row(spec, workdir, SMOKE_ARGV + ["--max-steps", "2"] if args.smoke else ()))
+            elif group == "sweep":
                 if not args.smoke:
                     sweep(spec, workdir, save)
             elif not (args.smoke and "--gpu-memory-gib" in spec["argv"]):

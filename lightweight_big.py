@@ -9,7 +9,7 @@ from common import make_dataset, pack, pad_pieces
 from harness import Technique, session
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
-SIZES = dict(micro_batch=16,           # under --gpu-memory-gib, auto_micro_batch halves it until a step fits
+SIZES = dict(micro_batch=16,           # auto_micro_batch halves it until a step fits the GPU or the budget
              seq_len=1024,
              tokens_per_step=32768)    # = 16 x 1024 x 2 accumulation; the same slots per step as before_big
 LORA_RANK, LORA_ALPHA = 16, 32
@@ -28,8 +28,8 @@ TECHNIQUES = {
     "sdpa": Technique("this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window); off: eager"),
     "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
-    "auto_micro_batch": Technique("under --gpu-memory-gib, the largest micro-batch that fits; accumulation keeps "
-                                  "the tokens per step"),
+    "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 16; "
+                                  "accumulation keeps the tokens per step", cuda_only=True),
     # off by default: the QLoRA reference's own choices
     "kbit_prep": Technique("peft's prepare_model_for_kbit_training: norms and embeddings in fp32", default=False,
                            needs=("lora",)),
@@ -100,13 +100,13 @@ def main(argv=None):
         optim = ("paged_adamw_8bit" if on("paged_adamw_8bit") else
                  "paged_adamw_32bit" if on("paged_adamw_32bit") else "adamw_torch")
         micro_batch = run.args.micro_batch
-        if on("auto_micro_batch") and run.args.gpu_memory_gib is not None and run.cuda:
+        if on("auto_micro_batch"):
             micro_batch = run.largest_micro_batch(model, optim, autocast=on("bf16"))
         training_args = TrainingArguments(
-            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch),
+            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=on("bf16") and half == torch.bfloat16, fp16=on("bf16") and half == torch.float16,
             tf32=on("tf32"), optim=optim,
-            **run.shared_training_arguments(len(train_set), micro_batch))
+            **run.shared_training_arguments(train_set, micro_batch))
         run.train(model, training_args, train_set)
     return run.summary
 

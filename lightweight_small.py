@@ -19,7 +19,9 @@ TECHNIQUES = {
     "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
     "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
     "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
-    "compile": Technique("torch.compile of the decoder", cuda_only=True),
+    "compile": Technique("torch.compile of each decoder layer (compiled once, reused by all 24)", cuda_only=True),
+    "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
+                                  "accumulation keeps the tokens per step", cuda_only=True),
 }
 
 
@@ -43,20 +45,23 @@ def main(argv=None):
         on = run.on
         model = load_model(run.weights, on, run.device)
         micro_batch = run.args.micro_batch
-        if on("compile"):
-            model.model.compile()  # the decoder; the loss stays outside
+        if on("auto_micro_batch"):  # a 16 or 24 GiB GPU takes a smaller one than the H200's 32
+            micro_batch = run.largest_micro_batch(model, "adamw_torch_fused", autocast=on("bf16"))
+        if on("compile"):  # each layer: one compilation serves all 24 (the whole decoder took longer than it saved)
+            for layer in model.model.decoder.layers:
+                layer.compile()
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = make_dataset(pack(run.train_records, run.args.seq_len))
         else:
             train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
         training_args = TrainingArguments(
-            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch),
+            per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=on("bf16") and run.bf16_or_fp16 == torch.bfloat16,  # autocast; fp32 master weights
             fp16=on("bf16") and run.bf16_or_fp16 == torch.float16,
             tf32=on("tf32"),
             optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
             dataloader_drop_last=on("compile"),  # a smaller last micro-batch would compile again
-            **run.shared_training_arguments(len(train_set), micro_batch))
+            **run.shared_training_arguments(train_set, micro_batch))
         run.train(model, training_args, train_set)
     return run.summary
 

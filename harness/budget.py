@@ -58,6 +58,12 @@ def state_memory_estimate_gib(model, optim: str) -> dict:
     return {"weights": weights, "gradients": grads, "optimizer states": optimizer}
 
 
+def available_gib() -> float:
+    """What this process can use of the current GPU: what is free plus what its allocator already holds."""
+    free, _ = torch.cuda.mem_get_info()
+    return (free + torch.cuda.memory_reserved()) / GIB
+
+
 def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, optim: str, autocast_dtype,
                        device) -> int:
     """The largest micro-batch (halving from `largest`) whose forward and backward fit the budget.

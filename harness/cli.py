@@ -74,7 +74,9 @@ def build_parser(script: str, model: str, techniques: dict[str, Technique], size
     p.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="cap this process's CUDA memory (simulates a smaller GPU)")
     p.add_argument("--seed", type=int, default=42, help="seed of the data order, random init and adapters")
-    p.add_argument("--micro-batch", type=int, default=sizes["micro_batch"], help="sequences per forward pass")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help=f"sequences per forward pass (default: {sizes['micro_batch']}; with auto_micro_batch the largest "
+                        f"that fits, at most that)")
     p.add_argument("--seq-len", type=int, default=sizes["seq_len"], help="tokens per sequence")
     p.add_argument("--tokens-per-step", type=int, default=sizes["tokens_per_step"],
                    help="token slots per optimizer step (micro-batch x seq-len x accumulation)")
@@ -109,9 +111,22 @@ def add_switches(p: argparse.ArgumentParser, techniques: dict[str, Technique]) -
 
 
 def parse_args(script: str, model: str, techniques: dict[str, Technique], sizes: dict, argv=None):
-    """(args, switches). Unknown flags and bad choices end in argparse's usage line and exit 2."""
+    """(args, switches). Unknown flags and bad choices end in argparse's usage line and exit 2.
+
+    args.micro_batch is --micro-batch, or the script's default capped so that a step of --tokens-per-step still
+    splits over the processes of a launch (args.micro_batch_given says which).
+    """
     args = build_parser(script, model, techniques, sizes).parse_args(argv)
+    args.micro_batch_given = args.micro_batch is not None
+    if not args.micro_batch_given:
+        rows_per_process = args.tokens_per_step // (args.seq_len * processes_in_launch()) if args.seq_len > 0 else 1
+        args.micro_batch = max(1, min(sizes["micro_batch"], rows_per_process))
     return args, Switches(techniques, off=getattr(args, "off", []), on=getattr(args, "on", []))
+
+
+def processes_in_launch() -> int:
+    """Processes in this launch: torchrun and `accelerate launch` set WORLD_SIZE; a plain run is one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def validate_args(args, on: Switches, world_size: int) -> None:
@@ -141,12 +156,10 @@ def validate_args(args, on: Switches, world_size: int) -> None:
     checkpoint_layers = getattr(args, "checkpoint_layers", None)
     if checkpoint_layers is not None and (checkpoint_layers < 0 or not on.chosen["grad_checkpointing"]):
         problems.append("--checkpoint-layers takes a count >= 0 and needs the grad_checkpointing technique")
-    if args.micro_batch > 0 and args.seq_len > 0 and args.tokens_per_step % (args.micro_batch * args.seq_len * world_size):
+    slots = args.micro_batch * args.seq_len * world_size
+    if on.chosen.get("packing") and slots > 0 and args.tokens_per_step % slots:  # padded rows: see Run.accumulation
         processes = f" x {world_size} processes" if world_size > 1 else ""
         problems.append(f"--tokens-per-step {args.tokens_per_step} is not a multiple of --micro-batch x --seq-len"
                         f"{processes} ({args.micro_batch} x {args.seq_len}{processes}): accumulation could not keep it")
-    if args.gpu_memory_gib is not None and on.chosen.get("auto_micro_batch") and world_size > 1:
-        problems.append("auto_micro_batch under --gpu-memory-gib works in one process only (each process could choose "
-                        "another size): pass --micro-batch, or --off auto_micro_batch")
     if problems:
         raise InputError("; ".join(problems))

@@ -9,8 +9,29 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
+from harness.clock import seconds_since_process_start
+
 GIB = 2**30
-H200_BF16_TFLOPS = 790.0  # bf16 matrix rate measured on the benchmark H200 (8192^3 matmuls, random data)
+# Dense bf16 tensor-core peaks in TFLOP/s (no sparsity, fp32 accumulate), by a part of the GPU's name, first
+# match wins. Sources: NVIDIA's datasheets and architecture whitepapers; fp16 for GPUs without bf16 (T4, V100).
+PEAK_TFLOPS = [
+    ("H200", 790.0, "measured on the benchmark H200, 8192^3 bf16 matmuls (datasheet: 989)"),
+    ("H100 PCIe", 756.0, "NVIDIA H100 datasheet (PCIe)"),
+    ("H100", 989.0, "NVIDIA H100 datasheet (SXM)"),
+    ("A100", 312.0, "NVIDIA A100 datasheet"),
+    ("L40S", 362.0, "NVIDIA L40S datasheet"),
+    ("L4", 121.0, "NVIDIA L4 datasheet"),
+    ("A10", 125.0, "NVIDIA A10 datasheet"),
+    ("RTX 4090", 165.2, "NVIDIA Ada Lovelace architecture whitepaper (FP32 accumulate)"),
+    ("RTX 3090", 71.0, "NVIDIA Ampere GA102 whitepaper (FP32 accumulate)"),
+    ("T4", 65.0, "NVIDIA T4 datasheet (fp16: no bf16)"),
+    ("V100", 125.0, "NVIDIA V100 datasheet (SXM2, fp16: no bf16)"),
+]
+
+
+def peak_tflops(gpu_name: str) -> tuple[float, str] | tuple[None, None]:
+    """(TFLOP/s, source) of the GPU's dense bf16 peak, or (None, None) for a GPU not in PEAK_TFLOPS."""
+    return next(((tflops, source) for part, tflops, source in PEAK_TFLOPS if part in gpu_name), (None, None))
 
 
 def cuda_memory_gib() -> dict:
@@ -76,6 +97,7 @@ class MeasuringTrainer(Trainer):
         self._window_start = None
         self._window_step = 0
         self._paused_seconds = 0.0  # evaluation and checkpoint saving inside the current window
+        self.seconds_in = {"eval": 0.0, "save": 0.0}  # over the whole run
         trainer = self
 
         class WindowStart(TrainerCallback):
@@ -90,21 +112,23 @@ class MeasuringTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     @contextlib.contextmanager
-    def _paused(self):
+    def _paused(self, part: str):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # queued training kernels belong to the training window
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._paused_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self._paused_seconds += seconds
+            self.seconds_in[part] += seconds
 
     def evaluate(self, *a, **kw):
-        with self._paused():
+        with self._paused("eval"):
             return super().evaluate(*a, **kw)
 
     def _save_checkpoint(self, *a, **kw):  # private, but no callback runs before a save (on_save runs after)
-        with self._paused():
+        with self._paused("save"):
             return super()._save_checkpoint(*a, **kw)
 
     def log(self, logs, start_time=None):
@@ -124,6 +148,7 @@ class MeasuringTrainer(Trainer):
             mfu = self.mfu(tokens / seconds)
             if mfu is not None:
                 logs["mfu"] = mfu
+        logs["job_seconds"] = seconds_since_process_start()  # for loss against wall-clock time
         logs.update(self._memory_over_processes())
         if self.metrics_path is not None:
             with open(self.metrics_path, "a") as f:
@@ -143,6 +168,13 @@ class MeasuringTrainer(Trainer):
         if not (self.flops_per_token and self.peak_tflops):
             return None
         return tokens_per_second * self.flops_per_token / (self.peak_tflops * 1e12 * self.args.world_size)
+
+    def first_step_extra_seconds(self) -> float | None:
+        """The first logged step's time beyond a later step's median: compilation and warm-up (logging every step)."""
+        later = sorted(s / max(1, step - previous) for (previous, _, _), (step, _, s) in zip(self.windows, self.windows[1:]))
+        if not self.windows or not later or self.windows[0][0] != 1:
+            return None
+        return max(0.0, self.windows[0][2] - later[len(later) // 2])
 
     def steady_tokens_per_second(self, warmup_steps: int) -> float | None:
         """tokens/s over the windows that end after `warmup_steps` (compilation and allocator warm-up)."""

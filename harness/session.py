@@ -13,11 +13,12 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import common
 from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, InputError, parse_args, validate_args
+from harness import step_size
+from harness.clock import seconds_since_process_start
 from harness.signals import find_checkpoint
 
 GIB = 2**30
@@ -26,7 +27,7 @@ GIB = 2**30
 @contextlib.contextmanager
 def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     """Yield a `Run` for `script` (defaults: `model`, `sizes`) as the command line `argv` asks."""
-    started = time.perf_counter()
+    startup_seconds = seconds_since_process_start()  # interpreter, imports
     args, on = parse_args(script, model, techniques, sizes, argv)
     try:
         run = Run(script, model, args, on)
@@ -43,7 +44,7 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
         interrupted(script)
     except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
         failure = e
-    run.finish(failure, time.perf_counter() - started, argv)
+    run.finish(failure, startup_seconds, argv)
 
 
 def interrupted(script: str):
@@ -92,8 +93,9 @@ class Run:
                                             "memory: the maximum over the processes, each on its own GPU")
         self.output_dir = Path(args.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl" if self.main_process else None
-        self.trainer = self.wandb_run = self.model = None
+        self.trainer = self.wandb_run = self.model = self.train_started = None
         self.optim = "adamw_torch"  # for the out-of-memory estimate, until the script names its optimizer
+        self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "the script's default"
 
     def prepare_records(self) -> None:
         """Tokenized training records and held-out blocks; InputError if the corpus cannot fill them."""
@@ -117,24 +119,35 @@ class Run:
         self.weights = self.source.from_pretrained_path(self.args.seed, self.args.cache_dir)  # before the cap:
         apply_memory_budget(self.args.gpu_memory_gib)  # a random init may be built on the GPU
 
-    def accumulation(self, micro_batch: int) -> int:
-        """Micro-batches per optimizer step, so that a step is --tokens-per-step over all processes."""
-        return max(1, self.args.tokens_per_step // (micro_batch * self.args.seq_len * self.world_size))
+    def accumulation(self, micro_batch: int, train_set) -> int:
+        """Micro-batches per optimizer step per process (harness.step_size.accumulation: fair at equal data)."""
+        return step_size.accumulation(micro_batch, self.world_size, self.args.seq_len, self.args.tokens_per_step,
+                                      "attention_mask" in train_set.column_names, len(train_set), self.train_tokens)
 
     def largest_micro_batch(self, model, optim: str, autocast: bool) -> int:
-        """The largest micro-batch, halving from --micro-batch, whose trial step fits --gpu-memory-gib."""
-        from harness.budget import choose_micro_batch
+        """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
+        free memory or --gpu-memory-gib (the smallest over the processes of a launch)."""
+        from harness.budget import available_gib, choose_micro_batch
 
-        self.optim = optim
-        self.summary["micro_batch"] = None  # unknown until a trial fits
-        return choose_micro_batch(model, self.args.micro_batch, self.args.seq_len, self.args.gpu_memory_gib, optim,
-                                  self.bf16_or_fp16 if autocast else None, self.device)
+        args, self.optim = self.args, optim
+        if args.micro_batch_given or not self.cuda:
+            self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "default (no GPU)"
+            return args.micro_batch
+        budget = args.gpu_memory_gib or available_gib()
+        micro_batch = choose_micro_batch(model, args.micro_batch, args.seq_len, budget, optim,
+                                         self.bf16_or_fp16 if autocast else None, self.device)
+        if self.world_size > 1:
+            micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
+        where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
+        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}"
+        return micro_batch
 
-    def shared_training_arguments(self, train_rows: int, micro_batch: int) -> dict:
+    def shared_training_arguments(self, train_set, micro_batch: int) -> dict:
         """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""
         args = self.args
-        steps_per_epoch = math.ceil(train_rows / (micro_batch * self.accumulation(micro_batch) * self.world_size))
-        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
+        per_epoch = step_size.steps_per_epoch(len(train_set), micro_batch, self.accumulation(micro_batch, train_set),
+                                              self.world_size, drop_last=False)
+        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.epochs)
         return dict(
             output_dir=str(self.output_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
             learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
@@ -151,13 +164,13 @@ class Run:
         """Start W&B, train with the measuring Trainer, and record the results in the summary."""
         import torch
 
-        from harness.measure import H200_BF16_TFLOPS, MeasuringTrainer, flops_per_token, parameter_counts
+        from harness.measure import MeasuringTrainer, flops_per_token, parameter_counts, peak_tflops
         from harness.signals import StopOnSignal, restart_metrics
         from harness.wandb_run import wandb_callback
 
         args, micro_batch = self.args, training_args.per_device_train_batch_size
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
-        self.summary["micro_batch"] = micro_batch
+        self.summary.update(micro_batch=micro_batch, micro_batch_reason=self.micro_batch_reason)
         # evaluation in micro-batches, or one block at a time where no held-out block may be dropped (drop_last)
         # or several processes share a step (blocks_in_whole_steps)
         one_by_one = training_args.dataloader_drop_last or self.world_size > 1
@@ -167,12 +180,13 @@ class Run:
         tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
         self.summary["trainable_params"], self.summary["total_params"] = trainable, total = parameter_counts(model)
         self.start_wandb(training_args)
-        gpu = torch.cuda.get_device_name(0) if self.cuda else ""
+        peak, self.summary["mfu_peak_source"] = peak_tflops(torch.cuda.get_device_name(0) if self.cuda else "")
+        self.summary["mfu_peak_tflops"] = peak
         self.trainer = MeasuringTrainer(
             model=model, args=training_args, train_dataset=train_set, eval_dataset=self.eval_set,
             callbacks=[wandb_callback()] if self.wandb_run is not None else None,
             flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
-            peak_tflops=H200_BF16_TFLOPS if "H200" in gpu else None, metrics_path=self.metrics_path)
+            peak_tflops=peak, metrics_path=self.metrics_path)
         self.trainer.tokens_trained = tokens_before
         self.summary["parallelism"] = self.trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP...
         stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
@@ -180,6 +194,7 @@ class Run:
         self.trainer.add_callback(stopper.callback())
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
+        self.train_started = seconds_since_process_start()
         with stopper:
             result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
         if stopper.signum is not None:
@@ -196,7 +211,9 @@ class Run:
             tokens_per_second=(trainer.tokens_trained - tokens_before) / train_seconds,
             steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(5, total_steps // 3)),
             final_train_loss=train_losses[-1] if train_losses else None,
-            final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step)
+            final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step,
+            compile_and_warmup_seconds=trainer.first_step_extra_seconds(),
+            eval_seconds=trainer.seconds_in["eval"], save_seconds=trainer.seconds_in["save"])
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""
@@ -213,9 +230,11 @@ class Run:
         config = {
             "script": self.script, "model": args.model, "init": self.source.init, "init_note": self.source.note,
             "corpus": str(args.corpus), "corpus_records": len(self.texts), "train_tokens_per_epoch": self.train_tokens,
-            "techniques": self.on.record(), "micro_batch": micro_batch, "seq_len": args.seq_len,
+            "techniques": self.on.record(), "micro_batch": micro_batch, "micro_batch_reason": self.micro_batch_reason,
+            "seq_len": args.seq_len,
             "gradient_accumulation": accumulation, "processes": self.world_size,
-            "tokens_per_step": micro_batch * args.seq_len * self.world_size * accumulation, "epochs": args.epochs,
+            "tokens_per_step": args.tokens_per_step, "epochs": args.epochs,
+            "token_slots_per_step": micro_batch * args.seq_len * self.world_size * accumulation,
             "max_steps": args.max_steps, "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
             "checkpoint_layers": getattr(args, "checkpoint_layers", None), "optimizer": self.optim,
             "gpu": torch.cuda.get_device_name(0) if self.cuda else "cpu", "versions": versions(),
@@ -223,11 +242,12 @@ class Run:
         }
         processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
         print(f"{self.script}: {args.model} ({self.source.note}), {trainable:,} of {total:,} parameters train; "
-              f"micro-batch {micro_batch} x {args.seq_len} x {accumulation} accumulation{processes}; "
+              f"micro-batch {micro_batch} ({self.micro_batch_reason}) x {args.seq_len} x {accumulation} "
+              f"accumulation{processes}; "
               f"techniques: {', '.join(self.on.names_on()) or 'none'}", file=sys.stderr)
         self.wandb_run = start_wandb(self.script, args.wandb, args.resume, config, self.output_dir)
 
-    def finish(self, failure: Exception | None, script_seconds: float, argv) -> None:
+    def finish(self, failure: Exception | None, startup_seconds: float, argv) -> None:
         """Write summary.json and end W&B whatever happened; then exit as the outcome says (or return)."""
         import torch
 
@@ -239,7 +259,10 @@ class Run:
             self.summary["error"] = f"{type(failure).__name__}: {failure}"
         if failure is not None and self.trainer is not None:
             self.summary.update(steps=self.trainer.state.global_step, tokens_trained=self.trainer.tokens_trained)
-        self.summary.update(peak_memory_gib=self.peak_memory_gib(failure is None), script_seconds=script_seconds)
+        self.summary.update(peak_memory_gib=self.peak_memory_gib(failure is None), startup_seconds=startup_seconds)
+        if self.train_started is not None:  # setup: corpus, tokenizer, model, quantization, probe
+            self.summary["setup_seconds"] = self.train_started - startup_seconds
+        self.summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
         if self.trainer is not None and self.summary.get("steady_tokens_per_second"):
             self.summary["mfu"] = self.trainer.mfu(self.summary["steady_tokens_per_second"])
         if self.cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow

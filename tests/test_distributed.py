@@ -67,15 +67,29 @@ def test_two_processes_train_as_one(script, tmp_path, cache_dir, short_records_c
 
 
 def test_tokens_per_step_must_split_over_the_processes(tmp_path, cache_dir, monkeypatch):
-    """Accumulation adapts to the number of processes; a step that cannot be split evenly is refused."""
-    import before_big
+    """Packed rows: accumulation = tokens-per-step / (micro-batch x seq-len x processes); a step that cannot be
+    split evenly is refused (padded rows accumulate by their tokens instead, see test_step_size.py)."""
+    import lightweight_small
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit) as stopped:
-        before_big.main(["--model", "tiny", "--seq-len", "128", "--micro-batch", "2", "--tokens-per-step", "1024",
-                         "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
+        lightweight_small.main(["--model", "tiny", "--seq-len", "128", "--micro-batch", "2", "--tokens-per-step", "1024",
+                                "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
     assert stopped.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_torchrun_command_divides_the_step(tmp_path, cache_dir):
+    """`torchrun --nproc_per_node 2 lightweight_small.py`, as README writes it (here on the tiny model, one step):
+    the default micro-batch (32) is capped so that a step of 32,768 tokens splits over two processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "lightweight_small.py"), "--model", "tiny", "--corpus", str(SMALL_CORPUS), "--max-steps", "1",
+               "--wandb", "off", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["micro_batch"] == 16 and summary["steps"] == 1
+    assert summary["tokens_trained"] == 2 * 16 * 1023  # one step: 16 rows of 1,024 tokens on each process
 
 
 def test_held_out_blocks_fill_whole_steps_over_the_processes():

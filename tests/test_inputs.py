@@ -216,3 +216,15 @@ def test_gpu_budget_out_of_range_exits_2(gib, phrase, good_corpus, cache, tmp_pa
                         lambda device: type("Props", (), {"total_memory": 16 * budget.GIB})())
     line = refused(base_args(good_corpus, cache, tmp_path) + ["--gpu-memory-gib", gib], capsys, tmp_path)
     assert "--gpu-memory-gib" in line and phrase in line
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--no-such-flag"], ["--corpus", "missing.json"], ["--lr", "-1"]])
+def test_help_and_refusals_answer_before_torch_is_imported(argv, tmp_path):
+    """--help, a bad flag and bad input end (exit 0 or 2) before torch, transformers or peft are imported."""
+    import subprocess
+
+    code = ("import sys, lightweight_big\ntry:\n    lightweight_big.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, *sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.stdout.split()[-2:] == ["exit", "0" if argv == ["--help"] else "2"], done.stdout + done.stderr

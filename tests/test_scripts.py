@@ -9,7 +9,8 @@ from conftest import TINY
 from wandb_records import read_offline_run
 
 SCRIPTS = ["before_small", "lightweight_small", "before_big", "lightweight_big"]
-SUMMARY_KEYS = {"train_seconds", "script_seconds", "tokens_trained", "tokens_per_second", "peak_memory_gib",
+SUMMARY_KEYS = {"train_seconds", "job_seconds", "startup_seconds", "setup_seconds", "eval_seconds", "save_seconds",
+                "micro_batch", "micro_batch_reason", "tokens_trained", "tokens_per_second", "peak_memory_gib",
                 "final_train_loss", "final_eval_loss", "trainable_params", "total_params", "oom"}
 
 

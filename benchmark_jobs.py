@@ -1,0 +1,108 @@
+"""benchmark.py's `job` group: each script's default job (one epoch of the corpus, no --max-steps), run as a user
+runs it, with the wall clock taken from outside the process; first with cold caches, then warm.
+
+Cold: a fresh --cache-dir (corpus tokenizer, tokenized corpus, random-init checkpoint) and fresh torch.compile
+caches. Warm: the same command again. Python's bytecode cache is warmed once before the group (a user's machine
+keeps it), and W&B runs offline, as without credentials.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.cli import REPO
+
+SCRIPTS = ["before_small", "lightweight_small", "before_big", "lightweight_big"]
+PARTS = ("startup_seconds", "setup_seconds", "compile_and_warmup_seconds", "train_seconds", "eval_seconds",
+         "save_seconds")
+
+
+def warm_bytecode() -> None:
+    """Import what the scripts import once, so that every timed job finds Python's bytecode cache warm."""
+    subprocess.run([sys.executable, "-c", "import torch, transformers, peft, datasets, accelerate, wandb, "
+                    "bitsandbytes, liger_kernel, harness.session, harness.measure, common"], cwd=REPO, check=False)
+
+
+def timed_job(script: str, out: Path, cache: Path, argv=()) -> tuple[float, int, dict]:
+    """(wall seconds, exit code, summary) of `python SCRIPT.py` with the default job, as a user runs it."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "WANDB_MODE": "offline"}
+    command = [sys.executable, f"{script}.py", "--init", "random", "--output-dir", str(out), "--cache-dir", str(cache),
+               *argv]
+    print(f"\n=== job {script}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(command, cwd=REPO, env=env).returncode
+    seconds = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return seconds, code, summary
+
+
+def job_row(script: str, workdir: Path, argv=()) -> dict:
+    """The `job-<script>` row: warm and cold wall clock, the parts the script measured, steps and eval loss."""
+    from benchmark import read_curves
+
+    cache = workdir / f"job-cache-{script}"
+    shutil.rmtree(cache, ignore_errors=True)
+    cold_seconds, cold_code, _ = timed_job(script, workdir / f"job-{script}", cache, argv)
+    seconds, code, summary = timed_job(script, workdir / f"job-{script}", cache, argv)
+    out = workdir / f"job-{script}"
+    return {
+        "name": f"job-{script}", "script": script, "job": True, "argv": list(argv),
+        "job_seconds": seconds, "job_seconds_cold": cold_seconds, "job_seconds_inside": summary.get("job_seconds"),
+        "parts": {part: summary.get(part) for part in PARTS}, "steps": summary.get("steps"),
+        "micro_batch": summary.get("micro_batch"), "eval_loss": summary.get("final_eval_loss"),
+        "train_loss": summary.get("final_train_loss"), "tokens_trained": summary.get("tokens_trained"),
+        "peak_memory_gib": summary.get("peak_memory_gib"), "oom": summary.get("oom"),
+        "error": None if code == cold_code == 0 else f"exit {cold_code} cold, {code} warm",
+        "curves": read_curves(out) if (out / "metrics.jsonl").exists() else None,
+    }
+
+
+def job_table(runs: dict) -> list[str]:
+    """benchmark.md's whole-job section: each pair's wall clock and the ratio."""
+    lines = ["\n## The whole default job (one epoch), wall clock from outside the process\n",
+             "| job | steps | micro-batch | job s (warm) | job s (cold) | train s | startup s | setup s | compile s "
+             "| eval s | save s | eval loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec=".1f": "—" if v is None else format(v, spec)  # noqa: E731
+    for script in SCRIPTS:
+        r = runs.get(f"job-{script}")
+        if r:
+            p = r["parts"]
+            lines.append(f"| {script} | {fmt(r['steps'], 'd')} | {fmt(r['micro_batch'], 'd')} | {fmt(r['job_seconds'])} "
+                         f"| {fmt(r['job_seconds_cold'])} | {fmt(p['train_seconds'])} | {fmt(p['startup_seconds'])} "
+                         f"| {fmt(p['setup_seconds'])} | {fmt(p['compile_and_warmup_seconds'])} | {fmt(p['eval_seconds'])} "
+                         f"| {fmt(p['save_seconds'])} | {fmt(r['eval_loss'], '.4f')} |" + (f" {r['error']}" if r["error"] else ""))
+    for before, light in (("before_small", "lightweight_small"), ("before_big", "lightweight_big")):
+        a, b = runs.get(f"job-{before}"), runs.get(f"job-{light}")
+        if a and b and a["job_seconds"] and b["job_seconds"] and a["parts"]["train_seconds"] and b["parts"]["train_seconds"]:
+            lines.append(f"\n{light} vs {before}: the whole job {a['job_seconds'] / b['job_seconds']:.2f}x sooner "
+                         f"(warm), {a['job_seconds_cold'] / b['job_seconds_cold']:.2f}x cold; Trainer's train time "
+                         f"{a['parts']['train_seconds'] / b['parts']['train_seconds']:.2f}x.")
+    return lines
+
+
+def loss_against_time_plot(runs: dict, results_dir: Path) -> None:
+    """results/loss_time.png: train and eval loss against seconds since process start, for each pair's job."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, pair in zip(axes, (("before_small", "lightweight_small"), ("before_big", "lightweight_big"))):
+        for script in pair:
+            curves = (runs.get(f"job-{script}") or {}).get("curves") or {}
+            if curves.get("train_time"):
+                line, = ax.plot(*zip(*curves["train_time"]), label=f"{script} train")
+                if curves.get("eval_time"):
+                    ax.plot(*zip(*curves["eval_time"]), "o--", color=line.get_color(), label=f"{script} eval")
+        ax.set(xlabel="seconds since the process started", ylabel="loss", title=" vs ".join(pair))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(results_dir / "loss_time.png", dpi=100)
+    plt.close(fig)

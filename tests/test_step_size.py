@@ -1,0 +1,63 @@
+"""Step accounting: a pair takes the same optimizer steps over the same epoch; the micro-batch agreed by a launch."""
+import json
+import os
+
+import pytest
+import torch
+
+import before_small
+import common
+import lightweight_small
+from conftest import REPO
+from harness import step_size
+from harness.sources import corpus_tokenizer
+
+
+def epoch_steps(records, sizes, padded, processes=1):
+    """(steps per epoch, accumulation) of a script's default sizes on `records`."""
+    seq, micro = sizes["seq_len"], sizes["micro_batch"]
+    rows = len(common.pad_pieces(records, seq, 0)[0]) if padded else len(common.pack(records, seq))
+    accumulation = step_size.accumulation(micro, processes, seq, sizes["tokens_per_step"], padded, rows,
+                                          sum(len(r) for r in records))
+    return step_size.steps_per_epoch(rows, micro, accumulation, processes, drop_last=False), accumulation
+
+
+def test_a_pair_takes_the_same_steps_over_an_epoch_of_corpus_json(cache_dir):
+    """before_small pads each record (about a third of its slots are tokens), lightweight_small packs; both take
+    one optimizer step per 32,768 corpus tokens, so the same number of steps (within 5%) and schedule."""
+    texts = common.load_corpus(REPO / "corpus.json")
+    tokenizer = corpus_tokenizer(texts, 8000, cache_dir)
+    train, _ = common.split_heldout(common.tokenize_records(tokenizer, texts, cache_dir))
+    padded_steps, padded_accumulation = epoch_steps(train, before_small.SIZES, padded=True)
+    packed_steps, packed_accumulation = epoch_steps(train, lightweight_small.SIZES, padded=False)
+    assert packed_accumulation == 1 and padded_accumulation > 8  # 8 would be equal slots, not equal tokens
+    assert abs(padded_steps - packed_steps) <= 0.05 * packed_steps
+    assert packed_steps == pytest.approx(sum(len(r) for r in train) / 32768, abs=1)
+
+
+def test_padded_accumulation_splits_over_processes():
+    """Two processes take half the micro-batches each, so a step holds the same rows as one process's."""
+    one = step_size.accumulation(8, 1, 512, 32768, True, train_rows=1664, train_tokens=295_000)
+    two = step_size.accumulation(8, 2, 512, 32768, True, train_rows=1664, train_tokens=295_000)
+    assert one == 24 and two == 12  # 208 micro-batches in 9 steps
+    assert step_size.accumulation(16, 2, 1024, 32768, False, 288, 295_000) == 1  # packed: 32768 / (16 x 1024 x 2)
+
+
+def agree(rank, port, chosen, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    results[rank] = step_size.smallest_over_processes(chosen[rank], torch.device("cpu"))
+
+
+def test_a_launch_agrees_on_the_smallest_micro_batch(tmp_path):
+    """Each process probes its own GPU; all use the smallest choice (gloo on the CPU here)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(agree, args=(port, {0: 16, 1: 8}, results), nprocs=2, join=True)
+    assert dict(results) == {0: 8, 1: 8}
