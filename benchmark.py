@@ -149,7 +149,8 @@ def merge(paths, into: Path) -> dict:
     merged = load(into)
     for path in paths:
         part = load(Path(path))
-        merged.update({k: v for k, v in part.items() if k != "runs"})
+        merged.update({k: v for k, v in part.items() if k not in ("runs", "commands")})
+        merged["commands"] = {**merged.get("commands", {}), **part.get("commands", {})}
         names = {r["name"] for r in part["runs"]}
         merged["runs"] = [r for r in merged.get("runs", []) if r["name"] not in names] + part["runs"]
     into.write_text(json.dumps(merged, indent=1) + "\n")
