@@ -21,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import benchmark_jobs
+import benchmark_scale
 import lightweight_big
 from harness.cli import EXIT_OOM, REPO
 
@@ -74,6 +75,7 @@ GROUPS = {
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time
     "job": benchmark_jobs.SCRIPTS,  # each script's default job, cold then warm (benchmark_jobs.py)
+    "scale": benchmark_scale.scale_rows(),
 }
 
 
@@ -95,7 +97,7 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
     (out / "summary.json").unlink(missing_ok=True)  # a run that dies early must not report an older summary
     argv = ["--init", "random", "--wandb", "off", "--no-checkpoints", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
     print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
-    code = subprocess.run([sys.executable, f"{spec['script']}.py", *argv], cwd=REPO).returncode
+    code = subprocess.run([*benchmark_scale.launch_command(spec), *argv], cwd=REPO).returncode
     error = None if code in (0, EXIT_OOM) else f"exit {code}"  # one failed run must not lose the others
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     if error:
@@ -108,6 +110,8 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
         "peak_memory_gib": summary.get("peak_memory_gib"), "train_seconds": summary.get("train_seconds"),
         "eval_loss": summary.get("final_eval_loss"), "oom": summary.get("oom"), "steps": summary.get("steps"),
         "argv": spec["argv"], "error": error, "curves": read_curves(out) if (out / "metrics.jsonl").exists() else None,
+        "processes": summary.get("processes"), "parallelism": summary.get("parallelism"),
+        "micro_batch_reason": summary.get("micro_batch_reason"), "gradient_accumulation": summary.get("gradient_accumulation"),
     }
 
 
@@ -189,7 +193,7 @@ def report(results: dict) -> None:
     if sweeps:
         lines += ["\n## Smallest budget that trains (0.5 GiB steps)\n", "| script | --gpu-memory-gib |", "|---|---|"]
         lines += [f"| {s} | {b:g} |" for s, b in sweeps.items()]
-    lines += benchmark_jobs.job_table(runs)
+    lines += benchmark_jobs.job_table(runs) + benchmark_scale.scale_table(runs)
     (RESULTS / "benchmark.md").write_text("\n".join(lines) + "\n")
     plots(results)
     benchmark_jobs.loss_against_time_plot(runs, RESULTS)

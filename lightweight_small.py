@@ -60,7 +60,6 @@ def main(argv=None):
             fp16=on("bf16") and run.bf16_or_fp16 == torch.float16,
             tf32=on("tf32"),
             optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
-            dataloader_drop_last=on("compile"),  # a smaller last micro-batch would compile again
             **run.shared_training_arguments(train_set, micro_batch))
         run.train(model, training_args, train_set)
     return run.summary

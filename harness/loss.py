@@ -31,7 +31,7 @@ def put_loss_in_forward(model, fused: bool) -> None:
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **unused):
         body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        loss = lm_loss_sum(hidden, head.weight, labels, fused)
+        loss = lm_loss_sum(hidden, head, labels, fused)
         count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
         return CausalLMOutput(loss=loss / count)
 
@@ -39,17 +39,17 @@ def put_loss_in_forward(model, fused: bool) -> None:
     hf.forward = forward
 
 
-def lm_loss_sum(hidden, weight, labels, fused: bool):
-    """Summed next-token cross-entropy over labels != -100, from hidden states and the output embedding.
+def lm_loss_sum(hidden, head, labels, fused: bool):
+    """Summed next-token cross-entropy over labels != -100, from hidden states and the output layer `head`.
 
-    fused: liger's fused linear cross-entropy (chunks the vocabulary projection; the B x T x V logits never exist).
-    Liger does not patch OPT or GPT-Neo, so the loss is wired here. Plain: logits in fp32, F.cross_entropy.
+    fused: liger's fused linear cross-entropy with head's weight (chunks the vocabulary projection; the B x T x V
+    logits never exist). Liger does not patch OPT or GPT-Neo, so the loss is wired here. Plain: head's own
+    forward (under FSDP its hooks gather the tied weight there), logits in fp32, F.cross_entropy.
     """
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = labels[:, 1:].reshape(-1)
-    weight = weight.to(hidden.dtype)
     if fused:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels)
-    return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100, reduction="sum")
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight.to(hidden.dtype), hidden, labels)
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")

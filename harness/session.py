@@ -170,7 +170,8 @@ class Run:
 
         args, micro_batch = self.args, training_args.per_device_train_batch_size
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
-        self.summary.update(micro_batch=micro_batch, micro_batch_reason=self.micro_batch_reason)
+        self.summary.update(micro_batch=micro_batch, micro_batch_reason=self.micro_batch_reason,
+                            gradient_accumulation=training_args.gradient_accumulation_steps)
         # evaluation in micro-batches, or one block at a time where no held-out block may be dropped (drop_last)
         # or several processes share a step (blocks_in_whole_steps)
         one_by_one = training_args.dataloader_drop_last or self.world_size > 1

@@ -48,3 +48,13 @@ def tiny_script_model(script, cache_dir, off=(), seed=42):
     on.skip_cuda_only("CUDA only")
     torch.manual_seed(seed)
     return script.load_model(weights, on, torch.device("cpu"), torch.bfloat16), source
+
+
+def output_head(weight):
+    """A bias-free lm_head whose weight is the tensor `weight` itself, so that gradients reach that tensor."""
+    import torch
+
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    del head.weight
+    head.weight = weight  # a plain tensor attribute: Linear's forward computes with it
+    return head

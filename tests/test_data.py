@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import before_small  # noqa: E402
 import common  # noqa: E402
 import lightweight_small  # noqa: E402
+from conftest import output_head  # noqa: E402
 from harness.loss import causal_lm_parts, lm_loss_sum  # noqa: E402
 from harness.sources import tiny_config  # noqa: E402
 
@@ -153,7 +154,7 @@ def test_loss_is_the_sum_over_kept_next_tokens(seed):
     hidden, weight, _, mask, labels = padded_batch(seed)
     expected, count = hand_loss(hidden, weight, labels)
     assert count == int(mask[:, 1:].sum()) == 11 + 8 + 4 + 0  # the first token of a row is never a target
-    loss = lm_loss_sum(hidden, weight, labels, fused=False)
+    loss = lm_loss_sum(hidden, output_head(weight), labels, fused=False)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -161,17 +162,17 @@ def test_loss_is_the_sum_over_kept_next_tokens(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_loss_ignores_positions_whose_next_label_is_padding(seed):
     hidden, weight, _, mask, labels = padded_batch(seed)
-    before = lm_loss_sum(hidden, weight, labels, fused=False)
+    before = lm_loss_sum(hidden, output_head(weight), labels, fused=False)
     ignored = torch.ones_like(mask, dtype=torch.bool)  # hidden[t] predicts labels[t+1]: unused where that is -100
     ignored[:, :-1] = labels[:, 1:] == -100  # the last position predicts nothing
     assert ignored.any() and not ignored.all()
     changed = hidden.clone()
     changed[ignored] = torch.randn(int(ignored.sum()), hidden.shape[-1]) * 100
-    after = lm_loss_sum(changed, weight, labels, fused=False)
+    after = lm_loss_sum(changed, output_head(weight), labels, fused=False)
     assert after.item() == pytest.approx(before.item(), rel=1e-6)
     # and a kept position does count: the test can tell
     changed[~ignored] += 1.0
-    assert lm_loss_sum(changed, weight, labels, fused=False).item() != pytest.approx(before.item(), rel=1e-3)
+    assert lm_loss_sum(changed, output_head(weight), labels, fused=False).item() != pytest.approx(before.item(), rel=1e-3)
 
 
 def test_padded_model_loss_ignores_the_pad_tokens():
@@ -187,7 +188,7 @@ def test_padded_model_loss_ignores_the_pad_tokens():
     def loss(input_ids):
         with torch.no_grad():
             hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            return lm_loss_sum(hidden, head.weight, labels, fused=False).item()
+            return lm_loss_sum(hidden, head, labels, fused=False).item()
 
     other = ids.clone()
     other[mask == 0] = torch.randint(1, 50, (int((mask == 0).sum()),))

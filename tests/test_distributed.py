@@ -45,10 +45,12 @@ def test_two_processes_train_as_one(script, tmp_path, cache_dir, short_records_c
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["parallelism"] == "MULTI_CPU"  # DistributedDataParallel over gloo
     assert "total over the processes" in two["how_measured"]
-    assert stderr.count("micro-batch 2 x 128 x 2 accumulation x 2 processes") == 1  # printed once, by rank 0
+    assert stderr.count("micro-batch 2 (given by --micro-batch) x 128 x ") == 1  # printed once, by rank 0
+    assert stderr.count(" accumulation x 2 processes") == 1
     assert two["tokens_trained"] == one["tokens_trained"] > 0
     if script == "before_big":  # padded rows: fewer real tokens than slots, so the normalization is exercised
-        assert one["tokens_trained"] < 2 * 8 * 127
+        assert two["gradient_accumulation"] * 2 == one["gradient_accumulation"]  # the same rows per step
+        assert one["tokens_trained"] < 2 * 2 * one["gradient_accumulation"] * 127  # steps x rows x predicted slots
     # one metrics row per step (written by one process), the same numbers as one process
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == [1, 2]
     for a, b in zip(one_rows, two_rows):

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import before_small
 import common
 import lightweight_big
-from conftest import SMALL_CORPUS, tiny_script_model
+from conftest import SMALL_CORPUS, output_head, tiny_script_model
 from harness import budget, measure, sources
 from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
 from harness.loss import causal_lm_parts, lm_loss_sum
@@ -29,7 +29,7 @@ def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
 
     body, head = causal_lm_parts(model)
     ids = torch.randint(0, len(tokenizer), (2, 32))
-    lm_loss_sum(body(input_ids=ids).last_hidden_state, head.weight, ids, fused=False).backward()
+    lm_loss_sum(body(input_ids=ids).last_hidden_state, head, ids, fused=False).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and with_grad <= set(trainable)
 
@@ -133,7 +133,7 @@ def test_plain_loss_is_token_mean_cross_entropy():
     weight = torch.randn(11, 8)
     labels = torch.randint(0, 11, (2, 6))
     labels[1, 4:] = -100
-    total = lm_loss_sum(hidden, weight, labels, fused=False)
+    total = lm_loss_sum(hidden, output_head(weight), labels, fused=False)
     logits = hidden[:, :-1] @ weight.t()
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
@@ -147,9 +147,9 @@ def test_fused_cross_entropy_matches_plain_on_gpu():
     weight = torch.randn(5000, 256, device="cuda", requires_grad=True)
     labels = torch.randint(0, 5000, (4, 128), device="cuda")
     labels[0, 100:] = -100
-    fused = lm_loss_sum(hidden, weight, labels, fused=True)
+    fused = lm_loss_sum(hidden, output_head(weight), labels, fused=True)
     grads_fused = torch.autograd.grad(fused, (hidden, weight))
-    plain = lm_loss_sum(hidden, weight, labels, fused=False)
+    plain = lm_loss_sum(hidden, output_head(weight), labels, fused=False)
     grads_plain = torch.autograd.grad(plain, (hidden, weight))
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-3)
     for a, b in zip(grads_fused, grads_plain):
@@ -178,12 +178,12 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     tried, peak = [], {"bytes": 0}
     real_loss = lm_loss_sum
 
-    def loss(hidden, weight, labels, fused):
+    def loss(hidden, head, labels, fused):
         tried.append(hidden.shape[0])
         if hidden.shape[0] > 4:
             raise torch.OutOfMemoryError("simulated")
         peak["bytes"] = (0.95 if hidden.shape[0] == 4 else 0.5) * budget.GIB
-        return real_loss(hidden, weight, labels, fused)
+        return real_loss(hidden, head, labels, fused)
 
     monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)

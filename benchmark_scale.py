@@ -1,0 +1,62 @@
+"""benchmark.py's `scale` group: one and two processes (DDP through torchrun, FSDP through accelerate launch) at
+the same tokens per optimizer step, so that speed, per-GPU memory and the per-step losses can be compared."""
+from __future__ import annotations
+
+import sys
+
+
+def scale_rows() -> list[dict]:
+    """1 and 2 processes at the same tokens per step, 20 steps logged each: speed, per-GPU memory, and the
+    per-step losses that must agree (DDP for the lightweight scripts, FSDP for before_big)."""
+    fsdp = ["accelerate", "--config_file", "configs/accelerate/fsdp.yaml"]
+    steps = ["--max-steps", "20", "--logging-steps", "1", "--eval-every", "20"]
+    rows = []
+    for script, launcher, argv in (("lightweight_small", ["torchrun"], ["--tokens-per-step", "65536"]),
+                                   ("lightweight_big", ["torchrun"], []),
+                                   ("before_big", fsdp, ["--micro-batch", "4", "--tokens-per-step", "4096"])):
+        for processes in (1, 2):
+            rows.append(dict(name=f"scale-{script}-{processes}gpu", script=script, processes=processes,
+                             launcher=launcher if processes > 1 else ["torchrun"], argv=[*steps, *argv]))
+    rows.append(dict(name="scale-before_big-2gpu-16gib", script="before_big", processes=2, launcher=fsdp,
+                     argv=["--max-steps", "2", "--micro-batch", "1", "--tokens-per-step", "4096", "--gpu-memory-gib", "16"]))
+    return rows
+
+
+def launch_command(spec: dict) -> list[str]:
+    """python SCRIPT.py, or under torchrun / accelerate launch with spec["processes"] processes."""
+    launcher, processes = spec.get("launcher"), spec.get("processes", 1)
+    if launcher is None:
+        return [sys.executable, f"{spec['script']}.py"]
+    if launcher[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                f"{spec['script']}.py"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher[1:], "--num_processes", str(processes),
+            f"{spec['script']}.py"]
+
+
+def scale_table(runs: dict) -> list[str]:
+    """benchmark.md's scaling section: tokens/s against processes and the largest per-step loss difference."""
+    lines = ["\n## Scaling out: 1 and 2 processes, same tokens per step (20 steps)\n",
+             "| script | parallelism | processes | micro-batch | tokens/s | vs 1 | per-GPU peak GiB | eval loss "
+             "| largest per-step loss difference vs 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in runs.items():
+        if not name.startswith("scale-"):
+            continue
+        one = runs.get(f"scale-{row['script']}-1gpu") or {}
+        speedup = (row.get("tokens_per_second") or 0) / one["tokens_per_second"] if one.get("tokens_per_second") else None
+        difference = loss_difference(one, row) if row is not one else None
+        fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {name} | {row.get('parallelism')} | {row.get('processes')} | {fmt(row.get('micro_batch'), 'd')} "
+                     f"| {fmt(row.get('tokens_per_second'), ',.0f')} | {fmt(speedup, '.2f')} "
+                     f"| {fmt(row.get('peak_memory_gib'), '.2f')} | {fmt(row.get('eval_loss'), '.4f')} "
+                     f"| {fmt(difference, '.1e')} |" + (" out of memory" if row.get("oom") else "")
+                     + (f" {row['error']}" if row.get("error") else ""))
+    return lines
+
+
+def loss_difference(one: dict, other: dict) -> float | None:
+    """The largest relative difference of the per-step train losses of two runs, over the steps both logged."""
+    a = dict(map(tuple, (one.get("curves") or {}).get("train") or []))
+    b = dict(map(tuple, (other.get("curves") or {}).get("train") or []))
+    steps = sorted(set(a) & set(b))
+    return max(abs(b[s] - a[s]) / abs(a[s]) for s in steps) if steps else None
