@@ -43,8 +43,9 @@ def scale_table(runs: dict) -> list[str]:
         if not name.startswith("scale-"):
             continue
         one = runs.get(f"scale-{row['script']}-1gpu") or {}
-        speedup = (row.get("tokens_per_second") or 0) / one["tokens_per_second"] if one.get("tokens_per_second") else None
-        difference = loss_difference(one, row) if row is not one else None
+        speedup = (row["tokens_per_second"] / one["tokens_per_second"]
+                   if row.get("tokens_per_second") and one.get("tokens_per_second") else None)
+        difference = loss_difference(one, row) if row is not one and not row.get("oom") else None
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
         lines.append(f"| {name} | {row.get('parallelism')} | {row.get('processes')} | {fmt(row.get('micro_batch'), 'd')} "
                      f"| {fmt(row.get('tokens_per_second'), ',.0f')} | {fmt(speedup, '.2f')} "
