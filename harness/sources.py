@@ -87,9 +87,12 @@ def random_init_checkpoint(config, seed: int, cache_dir: Path) -> Path:
 
     folder = Path(cache_dir) / "random-init" / f"{config.model_type}-{content_hash(config.to_json_string(), seed)}"
     if not (folder / "config.json").exists():
-        torch.manual_seed(seed)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 1.3B weights is much faster there
-        with torch.device(device):
+        # forked random state: the run that builds the checkpoint must draw its LoRA adapters, dropout and data
+        # order from the same state as every later run that finds it saved
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []), \
+                torch.device(device):
+            torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)  # keeps the key
         tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
         model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 on disk halves the write; loading upcasts as asked

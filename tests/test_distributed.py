@@ -106,3 +106,17 @@ def test_held_out_blocks_fill_whole_steps_over_the_processes():
     assert len(common.blocks_in_whole_steps(blocks, 2)) == 4
     assert (common.blocks_in_whole_steps(blocks, 3) == blocks[:3]).all()
     assert len(common.blocks_in_whole_steps(blocks[:1], 2)) == 0  # run() refuses this corpus (exit 2)
+
+
+def test_four_processes_train_as_one(tmp_path, cache_dir, short_records_corpus):
+    """Issue 12's CPU stand-in for 4 GPUs: 4 gloo processes under torchrun take the same per-step losses and
+    gradient norms as one process (packed rows: 4 micro-batches of 2 per step, one on each process)."""
+    one, one_rows, _ = launch("lightweight_big", 1, tmp_path / "one", cache_dir, short_records_corpus)
+    four, four_rows, stderr = launch("lightweight_big", 4, tmp_path / "four", cache_dir, short_records_corpus)
+    assert four["processes"] == 4 and four["gradient_accumulation"] == 1 and one["gradient_accumulation"] == 4
+    assert stderr.count(" accumulation x 4 processes") == 1
+    assert [r["step"] for r in four_rows] == [r["step"] for r in one_rows] == [1, 2]
+    for a, b in zip(one_rows, four_rows):
+        assert b["tokens_trained"] == a["tokens_trained"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
