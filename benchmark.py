@@ -244,6 +244,15 @@ def plots(results: dict) -> None:
     fig.tight_layout(); fig.savefig(RESULTS / "ablation.png", dpi=100); plt.close(fig)
 
 
+def refuse_another_gpu(out: Path, gpu: str, replace: bool) -> None:
+    """Rows of different GPU models never mix in one file unless asked (--replace-gpu)."""
+    measured_on = load(out).get("gpu")
+    if measured_on not in (None, gpu) and not replace:
+        raise SystemExit(f"{out} holds rows measured on {measured_on}, and this machine is {gpu}: "
+                         f"write elsewhere with --out, or pass --replace-gpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(GROUPS), help=f"groups to run: {', '.join(GROUPS)}")
@@ -278,11 +287,7 @@ def main(argv=None):
     workdir = Path(args.workdir)
     header = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "date": date.today().isoformat(), "versions": versions()}
-    measured_on = load(out).get("gpu")
-    if measured_on not in (None, header["gpu"]) and not args.replace_gpu:
-        raise SystemExit(f"{out} holds rows measured on {measured_on}, and this machine is {header['gpu']}: "
-                         f"write elsewhere with --out, or pass --replace-gpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    refuse_another_gpu(out, header["gpu"], args.replace_gpu)
 
     def save(row):
         part = load(out)

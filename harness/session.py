@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import common
-from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, InputError, parse_args, validate_args
+from harness.cli import EXIT_BAD_INPUT, InputError, parse_args, validate_args
 from harness import step_size
 from harness.clock import seconds_since_process_start
+from harness.outcome import exit_as_the_outcome_says
 from harness.signals import find_checkpoint
 
 GIB = 2**30
@@ -274,7 +275,8 @@ class Run:
         self.trainer = self.model = None
         if crash is not None:
             raise crash
-        self.exit_as_the_outcome_says(argv)
+        exit_as_the_outcome_says(self.summary, self.script, self.main_process, self.world_size,
+                                 not self.args.no_checkpoints, argv)
 
     def peak_memory_gib(self, all_processes_alive: bool) -> float | None:
         """Peak CUDA memory since the budget was applied; the maximum over the processes where all can join."""
@@ -305,24 +307,3 @@ class Run:
             (self.output_dir / f"summary-rank{self.rank}.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.wandb_run is not None:
             finish_wandb(self.wandb_run, self.summary, failed, self.script)
-
-    def exit_as_the_outcome_says(self, argv) -> None:
-        """Exit 3 after an out-of-memory, 128 + signal after Ctrl-C / SIGTERM; else print the results."""
-        summary = self.summary
-        if summary["oom"]:
-            print(summary["oom_message"], file=sys.stderr)
-            raise SystemExit(EXIT_OOM)
-        if "interrupted" in summary:
-            again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-            command = f"python {self.script}.py" if self.world_size == 1 else "the same launcher command"
-            if self.main_process:
-                print(f"{self.script}: stopped by {summary['interrupted']} after step {summary.get('steps')}"
-                      + (f"; resume with: {command} {' '.join(again + ['--resume'])}"
-                         if not self.args.no_checkpoints else " (no checkpoints: --no-checkpoints)"), file=sys.stderr)
-            raise SystemExit(128 + getattr(signal, summary["interrupted"]))
-        if self.main_process:
-            print(f"{self.script}: done: " + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-                if k in ("tokens_per_second", "steady_tokens_per_second", "mfu", "peak_memory_gib", "train_seconds",
-                         "final_train_loss", "final_eval_loss") and v is not None), file=sys.stderr)
-

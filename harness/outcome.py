@@ -1,0 +1,30 @@
+"""How a run ends: the exit code and the last line it prints."""
+from __future__ import annotations
+
+import signal
+import sys
+
+from harness.cli import EXIT_OOM
+
+
+def exit_as_the_outcome_says(summary: dict, script: str, main_process: bool, processes: int, saved: bool,
+                             argv) -> None:
+    """Exit 3 after an out-of-memory, 128 + signal after Ctrl-C / SIGTERM; else print the results (first
+    process). `saved`: checkpoints were saved, so the run can be resumed."""
+    if summary["oom"]:
+        print(summary["oom_message"], file=sys.stderr)
+        raise SystemExit(EXIT_OOM)
+    if "interrupted" in summary:
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        command = f"python {script}.py" if processes == 1 else "the same launcher command"
+        if main_process:
+            print(f"{script}: stopped by {summary['interrupted']} after step {summary.get('steps')}"
+                  + (f"; resume with: {command} {' '.join(again + ['--resume'])}"
+                     if saved else " (no checkpoints: --no-checkpoints)"), file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, summary["interrupted"]))
+    if main_process:
+        print(f"{script}: done: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+            if k in ("tokens_per_second", "steady_tokens_per_second", "mfu", "peak_memory_gib", "train_seconds",
+                     "final_train_loss", "final_eval_loss") and v is not None), file=sys.stderr)
+
