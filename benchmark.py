@@ -1,13 +1,17 @@
 """The benchmark behind the README's results: every script, each lightweight technique switched off in turn,
-the reference QLoRA recipe and the smallest memory budget each script trains under, on one CUDA GPU.
+the reference QLoRA recipe, budgets, the whole default jobs (group `job`) and 1 vs 2 processes (group `scale`,
+needs 2 GPUs).
 
-    python benchmark.py                          # all groups (over half an hour on an H200, judging by the partial calls)
+    python benchmark.py                          # all groups (well over half an hour on an H200)
     python benchmark.py --only main,fast8        # some groups; --out names the JSON they are written to
+    python benchmark.py --only job               # each script's default job, cold and warm (benchmark_jobs.py)
     python benchmark.py --merge a.json b.json    # merge partial runs into results/benchmark.json, then report
     python benchmark.py --report                 # results/benchmark.md and results/*.png from the JSON
+    python benchmark.py --smoke                  # tiny models on the CPU: checks the machinery, writes runs/
 
-Runs happen one after another, each in a fresh Python process through the script's own `main(argv)`, on the
-random-init path (`--init random`), W&B off. tokens/s is the steady state: windows after the first steps.
+Runs happen one after another, each in a fresh Python process (`python SCRIPT.py`, or a launcher), on the
+random-init path (`--init random`), W&B off except in the jobs. tokens/s is the steady state: windows after the
+first steps.
 """
 from __future__ import annotations
 
