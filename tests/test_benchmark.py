@@ -34,4 +34,4 @@ def test_smoke_run_writes_the_issue_schema_and_merges(tmp_path, monkeypatch):
     table = (tmp_path / "results" / "benchmark.md").read_text()
     assert "| reference_qlora |" in table
     assert {p.name for p in (tmp_path / "results").glob("*.png")} == {
-        "loss_small.png", "loss_big.png", "speed_memory.png", "ablation.png"}
+        "loss_small.png", "loss_big.png", "speed_memory.png", "ablation.png", "loss_time.png"}
