@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import lightweight_big
-from harness.cli import EXIT_OOM, REPO
+from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO
 
 RESULTS = REPO / "results"
 SMOKE_OUT = REPO / "runs" / "benchmark" / "smoke.json"  # never the committed results
@@ -226,6 +226,12 @@ def plots(results: dict) -> None:
     fig.tight_layout(); fig.savefig(RESULTS / "ablation.png", dpi=100); plt.close(fig)
 
 
+def refuse(message: str):
+    """A request that cannot be run as asked: one line, exit 2, as the scripts do."""
+    print(f"benchmark.py: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(GROUPS), help=f"groups to run: {', '.join(GROUPS)}")
@@ -251,19 +257,19 @@ def main(argv=None):
     from harness.measure import versions
 
     if not torch.cuda.is_available() and not args.smoke:
-        raise SystemExit("benchmark.py needs a CUDA GPU (--smoke runs tiny models on the CPU)")
+        refuse("needs a CUDA GPU (--smoke runs tiny models on the CPU)")
     groups = args.only.split(",")
     unknown = set(groups) - set(GROUPS)
     if unknown:
-        raise SystemExit(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
+        refuse(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
     out = Path(args.out or (SMOKE_OUT if args.smoke else RESULTS / "benchmark.json"))
     workdir = Path(args.workdir)
     header = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "date": date.today().isoformat(), "versions": versions()}
     measured_on = load(out).get("gpu")
     if measured_on not in (None, header["gpu"]) and not args.replace_gpu:
-        raise SystemExit(f"{out} holds rows measured on {measured_on}, and this machine is {header['gpu']}: "
-                         f"write elsewhere with --out, or pass --replace-gpu")
+        refuse(f"{out} holds rows measured on {measured_on}, and this machine is {header['gpu']}: "
+               f"write elsewhere with --out, or pass --replace-gpu")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(row):
