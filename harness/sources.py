@@ -68,7 +68,8 @@ def hub_reachable(model_id: str) -> tuple[bool, str]:
     try:
         HfApi(endpoint=endpoint).model_info(model_id, timeout=HUB_PROBE_SECONDS)
     except RepositoryNotFoundError:  # also a private repo without access: the hub answers alike
-        raise InputError(f"model {model_id}: the hub does not know it (check the id, or pass a local path)") from None
+        raise InputError(f"model {model_id}: the hub does not know it (check the id, log in for a private model, "
+                         f"or pass a local path)") from None
     except HFValidationError:
         raise InputError(f"model {model_id}: no such folder, and not a hub id (namespace/name)") from None
     except (httpx.HTTPError, OSError) as e:  # no connection, a timeout, a proxy or server error
