@@ -27,7 +27,7 @@ from pathlib import Path
 import benchmark_jobs
 import benchmark_scale
 import lightweight_big
-from harness.cli import EXIT_OOM, REPO
+from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO
 
 RESULTS = REPO / "results"
 SMOKE_OUT = REPO / "runs" / "benchmark" / "smoke.json"  # never the committed results
@@ -248,12 +248,18 @@ def plots(results: dict) -> None:
     fig.tight_layout(); fig.savefig(RESULTS / "ablation.png", dpi=100); plt.close(fig)
 
 
+def refuse(message: str):
+    """A request that cannot be run as asked: one line, exit 2, as the scripts do."""
+    print(f"benchmark.py: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
 def refuse_another_gpu(out: Path, gpu: str, replace: bool) -> None:
     """Rows of different GPU models never mix in one file unless asked (--replace-gpu)."""
     measured_on = load(out).get("gpu")
     if measured_on not in (None, gpu) and not replace:
-        raise SystemExit(f"{out} holds rows measured on {measured_on}, and this machine is {gpu}: "
-                         f"write elsewhere with --out, or pass --replace-gpu")
+        refuse(f"{out} holds rows measured on {measured_on}, and this machine is {gpu}: "
+               f"write elsewhere with --out, or pass --replace-gpu")
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -282,11 +288,11 @@ def main(argv=None):
     from harness.measure import versions
 
     if not torch.cuda.is_available() and not args.smoke:
-        raise SystemExit("benchmark.py needs a CUDA GPU (--smoke runs tiny models on the CPU)")
+        refuse("needs a CUDA GPU (--smoke runs tiny models on the CPU)")
     groups = args.only.split(",")
     unknown = set(groups) - set(GROUPS)
     if unknown:
-        raise SystemExit(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
+        refuse(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
     out = Path(args.out or (SMOKE_OUT if args.smoke else RESULTS / "benchmark.json"))
     workdir = Path(args.workdir)
     header = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

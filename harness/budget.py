@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import torch
 
@@ -62,6 +63,51 @@ def available_gib() -> float:
     """What this process can use of the current GPU: what is free plus what its allocator already holds."""
     free, _ = torch.cuda.mem_get_info()
     return (free + torch.cuda.memory_reserved()) / GIB
+
+
+def state_estimate_before_building_gib(config, frozen_base: bool) -> dict:
+    """state_memory_estimate_gib of a model not built yet: the same count, on a meta-device copy (no memory).
+
+    The script names its optimizer and trainable weights only once it builds the model, so this assumes AdamW
+    in fp32 on every weight; for a frozen base (LoRA) the weights in bf16, the most such a base is loaded in,
+    and no gradients or optimizer states (the adapters' are under 2% of the parameters).
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                 dtype=torch.bfloat16 if frozen_base else torch.float32)
+    model.requires_grad_(not frozen_base)
+    return state_memory_estimate_gib(model, "adamw_torch")
+
+
+def available_memory_gib() -> float | None:
+    """The memory new allocations can have without swapping (/proc/meminfo MemAvailable), in GiB; None off Linux."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+def check_cpu_memory(script: str, model_id: str, config, frozen_base: bool, processes: int, quiet: bool) -> None:
+    """On the CPU, before any weights exist: say in one line what the recipe's states need, and refuse
+    (InputError) where that is more than this machine has available. The kernel would kill the run otherwise."""
+    estimate = state_estimate_before_building_gib(config, frozen_base)
+    need = sum(estimate.values()) * processes
+    available = available_memory_gib()
+    per_process = f" ({processes} processes)" if processes > 1 else ""
+    line = (f"{model_id} on the CPU{per_process}: before activations this recipe needs about {need:.1f} GiB: "
+            + ", ".join(f"{k} {v * processes:.1f}" for k, v in estimate.items())
+            + ("" if available is None else f"; this machine has {available:.1f} GiB available"))
+    if available is not None and need > available:
+        raise InputError(f"{line}: too little; use --model tiny for a CPU run, or a CUDA GPU")
+    if not quiet:
+        print(f"{script}: {line}; activations come on top (for a short CPU run: --model tiny)", file=sys.stderr)
 
 
 def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, optim: str, autocast_dtype,

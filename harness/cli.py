@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,27 @@ class Technique:
     default: bool = True
     cuda_only: bool = False  # on the CPU it is skipped, and the run's record says so
     needs: tuple[str, ...] = ()  # techniques it cannot work without
+
+
+REFUSAL_WAIT_SECONDS = 30
+
+
+def refuse(message: str):
+    """Exit 2 with `message` on stderr, printed once under torchrun or `accelerate launch`, where every process
+    refuses alike: by the first (RANK 0). The others wait, for the launcher ends them as soon as the first has
+    exited; had they exited first, it could end the first before it printed. A process still there after
+    REFUSAL_WAIT_SECONDS (a refusal of its own) prints the message itself."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(REFUSAL_WAIT_SECONDS)
+    print(message, file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+class RankZeroParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are refused once under a launcher (`refuse`)."""
+
+    def error(self, message):  # argparse documents error() as the method to override
+        refuse(f"{self.format_usage()}{self.prog}: error: {message}")
 
 
 class Switches:
@@ -61,38 +84,48 @@ class Switches:
 
 
 def build_parser(script: str, model: str, techniques: dict[str, Technique], sizes: dict) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"{script}.py", description=f"{script}: fine-tune {model}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--corpus", default=str(REPO / "corpus.json"), help="JSON list (or JSON Lines) of {'text': ...}")
-    p.add_argument("--model", default=model, help="hub id, local path, or 'tiny' (2-layer CPU smoke model)")
+    # each help names its default once, where there is one (%(default)s), so argparse's plain formatter;
+    # ArgumentDefaultsHelpFormatter also printed "(default: None)" and "(default: [])" after helps that said it
+    p = RankZeroParser(prog=f"{script}.py", description=f"{script}: fine-tune {model}.", allow_abbrev=False)
+    p.add_argument("--corpus", default=str(REPO / "corpus.json"),
+                   help="JSON list (or JSON Lines) of {'text': ...} (default: %(default)s)")
+    p.add_argument("--model", default=model,
+                   help="hub id, local path, or 'tiny' (2-layer CPU smoke model) (default: %(default)s)")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
-                   help="random: exact architecture from configs/, random weights (automatic when the hub is unreachable)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--output-dir", default=str(REPO / "runs" / script), help="metrics.jsonl, summary.json, checkpoints")
+                   help="random: exact architecture from configs/, random weights (automatic when the hub is "
+                        "unreachable) (default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=-1,
+                   help="optimizer steps; overrides --epochs when > 0 (default: none, --epochs decides)")
+    p.add_argument("--output-dir", default=str(REPO / "runs" / script),
+                   help="metrics.jsonl, summary.json, checkpoints (default: %(default)s)")
     p.add_argument("--gpu-memory-gib", type=float, default=None,
-                   help="cap this process's CUDA memory (simulates a smaller GPU)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the data order, random init and adapters")
+                   help="cap this process's CUDA memory (simulates a smaller GPU; default: no cap)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the data order, random init and adapters (default: %(default)s)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help=f"sequences per forward pass (default: {sizes['micro_batch']}; with auto_micro_batch the largest "
                         f"that fits, at most that)")
-    p.add_argument("--seq-len", type=int, default=sizes["seq_len"], help="tokens per sequence")
+    p.add_argument("--seq-len", type=int, default=sizes["seq_len"], help="tokens per sequence (default: %(default)s)")
     p.add_argument("--tokens-per-step", type=int, default=sizes["tokens_per_step"],
-                   help="token slots per optimizer step (micro-batch x seq-len x accumulation)")
-    p.add_argument("--lr", type=float, default=sizes.get("learning_rate", 5e-5), help="peak learning rate (linear decay)")
+                   help="token slots per optimizer step (micro-batch x seq-len x accumulation) (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=sizes.get("learning_rate", 5e-5),
+                   help="peak learning rate, linear decay (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=0,
-                   help="evaluate every N steps (0: about four times per run); always at the end")
-    p.add_argument("--logging-steps", type=int, default=1, help="log every N optimizer steps")
+                   help="evaluate every N steps, and always at the end (default: 0, about four times per run)")
+    p.add_argument("--logging-steps", type=int, default=1, help="log every N optimizer steps (default: %(default)s)")
     if "grad_checkpointing" in techniques:
         p.add_argument("--checkpoint-layers", type=int, default=None,
-                       help="with grad_checkpointing: how many transformer layers to checkpoint (None: all)")
+                       help="with grad_checkpointing: how many transformer layers to checkpoint (default: all)")
     add_switches(p, techniques)
     p.add_argument("--wandb", choices=["auto", "online", "offline", "off"], default="auto",
-                   help="auto: online with credentials, else offline; WANDB_PROJECT names the project")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenizer, tokenized corpus and random-init checkpoints")
+                   help="auto: online with credentials, else offline; WANDB_PROJECT names the project "
+                        "(default: %(default)s)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+                   help="tokenizer, tokenized corpus and random-init checkpoints (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=100,
-                   help="save a checkpoint every N optimizer steps (0: only at the end); LoRA runs save adapters only")
+                   help="save a checkpoint every N optimizer steps (0: only at the end); LoRA runs save adapters "
+                        "only (default: %(default)s)")
     p.add_argument("--no-checkpoints", action="store_true", help="save no checkpoints (benchmarks)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output-dir: same data order, optimizer, schedule, "

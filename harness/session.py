@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import common
-from harness.cli import EXIT_BAD_INPUT, InputError, parse_args, validate_args
 from harness import step_size
+from harness.cli import InputError, parse_args, refuse, validate_args
 from harness.clock import seconds_since_process_start
 from harness.outcome import exit_as_the_outcome_says
 from harness.signals import find_checkpoint
@@ -33,8 +33,7 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     try:
         run = Run(script, model, args, on)
     except InputError as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
+        refuse(f"{script}: error: {e}")  # exit 2; under torchrun printed by the first process only
     except KeyboardInterrupt:
         interrupted(script)
     failure = None
@@ -69,12 +68,15 @@ class Run:
 
         import torch  # after the cheap checks: a refusal above comes before this import
 
-        from harness.budget import check_memory_budget
+        from harness.budget import check_cpu_memory, check_memory_budget
         from harness.sources import resolve_model
 
         check_memory_budget(args.gpu_memory_gib)
         self.source = resolve_model(args.model, args.init, model, self.texts, args.cache_dir)
         self.tokenizer, self.config = self.source.tokenizer, self.source.config
+        if args.model != "tiny" and not torch.cuda.is_available():  # before any weights are built or loaded
+            check_cpu_memory(script, args.model, self.config, frozen_base=on.chosen.get("lora", False),
+                             processes=self.world_size, quiet=not self.main_process)  # lora: lightweight_big's
         self.prepare_records()
 
         self.cuda = torch.cuda.is_available()
@@ -90,8 +92,10 @@ class Run:
                         "techniques_skipped": dict(on.skipped), "seq_len": args.seq_len,
                         "processes": self.world_size, "eval_blocks": len(self.eval_set), "micro_batch": None}
         if self.world_size > 1:
-            self.summary["how_measured"] = ("tokens, tokens/s and MFU: total over the processes (MFU per GPU); "
-                                            "memory: the maximum over the processes, each on its own GPU")
+            self.summary["how_measured"] = (
+                "tokens, tokens/s and MFU: total over the processes (MFU per GPU); memory: the maximum over the "
+                "processes, each on its own GPU" if self.cuda else
+                "tokens and tokens/s: total over the processes; no memory or MFU figures on the CPU")
         self.output_dir = Path(args.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl" if self.main_process else None
         self.trainer = self.wandb_run = self.model = self.train_started = None
@@ -166,7 +170,7 @@ class Run:
         import torch
 
         from harness.measure import MeasuringTrainer, flops_per_token, parameter_counts, peak_tflops
-        from harness.signals import StopOnSignal, restart_metrics
+        from harness.signals import StopOnSignal, restart_metrics, tied_embedding_not_reported_missing
         from harness.wandb_run import wandb_callback
 
         args, micro_batch = self.args, training_args.per_device_train_batch_size
@@ -190,14 +194,16 @@ class Run:
             flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
             peak_tflops=peak, metrics_path=self.metrics_path)
         self.trainer.tokens_trained = tokens_before
-        self.summary["parallelism"] = self.trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP...
+        self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
+            self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
+            else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
         stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
                                launched="TORCHELASTIC_RUN_ID" in os.environ)
         self.trainer.add_callback(stopper.callback())
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.train_started = seconds_since_process_start()
-        with stopper:
+        with stopper, tied_embedding_not_reported_missing(model):
             result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
         if stopper.signum is not None:
             self.summary["interrupted"] = signal.Signals(stopper.signum).name

@@ -1,7 +1,10 @@
 """Stopping and resuming: Ctrl-C / SIGTERM finish the step and save; --resume finds the checkpoint."""
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -31,11 +34,49 @@ def find_checkpoint(output_dir, resume: bool) -> str | None:
 
 def restart_metrics(path: Path, resume_step: int | None) -> int:
     """Start metrics.jsonl afresh, or on resume keep the rows up to the checkpoint's step (later rows will be
-    logged again). Returns the tokens trained up to there."""
+    logged again) but the interrupted run's end-of-training row (train_runtime, ...): the resumed run writes
+    its own at the end. Returns the tokens trained up to there."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    kept = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
+    kept = [r for r in rows if resume_step is not None and r["step"] <= resume_step and "train_runtime" not in r]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return max((r["tokens_trained"] for r in kept if "tokens_trained" in r), default=0)
+
+
+@contextlib.contextmanager
+def tied_embedding_not_reported_missing(model):
+    """Silence the Trainer's "There were missing keys in the checkpoint model loaded: [...]" on resume where each
+    key it names is the very tensor of the input embedding (OPT's and GPT-Neo's tied lm_head.weight).
+
+    Such a key is not saved (safetensors keeps a shared tensor once) and loading the embedding restores it: the
+    checkpoint is whole. transformers 5.17 compares the missing keys with `_keys_to_ignore_on_save`, empty for
+    these models, not with the tied keys, so it warns (huggingface/transformers#27972). Any other missing key is
+    still reported. A filter on transformers' logger: the public hook for a library's log records.
+    """
+    embedding = model.get_input_embeddings().weight
+
+    def is_tied_embedding(name: str) -> bool:
+        try:
+            return model.get_parameter(name) is embedding
+        except AttributeError:
+            return False
+
+    def report(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = "There were missing keys in the checkpoint model loaded: "
+        if not message.startswith(prefix):
+            return True
+        try:
+            keys = ast.literal_eval(message[len(prefix):].rstrip("."))
+        except (ValueError, SyntaxError):  # not the list this filter knows: report it as it is
+            return True
+        return not (keys and all(is_tied_embedding(k) for k in keys))
+
+    logger = logging.getLogger("transformers.trainer")
+    logger.addFilter(report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report)
 
 
 class StopOnSignal:

@@ -40,16 +40,20 @@ def tiny_config(model_id: str, vocab_size: int):
     return AutoConfig.for_model(**base)
 
 
+HUB_PROBE_SECONDS = 2.0
+
+
 def hub_reachable(model_id: str) -> tuple[bool, str]:
     """(True, '') when `model_id`'s config can be had from the local cache or the hub; else (False, why).
 
-    Without a network the hub client retries for about half a minute; a 3-second connection probe first
-    keeps an offline start quick. An id the reachable hub does not know is an InputError.
+    Where the hub does not answer, its client retries a download 5 times, 1 to 8 s apart, each try waiting up to
+    10 s: half a minute (through a dead proxy) to minutes (an endpoint that accepts and never answers). So one
+    metadata request first, without retries, through the same client (its proxy, token and endpoint): an offline
+    start is decided within HUB_PROBE_SECONDS or so. An id the answering hub does not know is an InputError.
     """
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
     from transformers import AutoConfig
 
     try:
@@ -60,20 +64,20 @@ def hub_reachable(model_id: str) -> tuple[bool, str]:
     for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(flag, "0").lower() in ("1", "true", "yes", "on"):
             return False, f"{flag} is set"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
-    if not proxied:  # through a proxy only the hub client itself can tell
-        try:
-            port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-            socket.create_connection((endpoint.hostname, port), timeout=3).close()
-        except OSError as e:
-            return False, f"cannot connect to {endpoint.hostname}: {e}"
+    endpoint = os.environ.get("HF_ENDPOINT")  # None: the client's default; read now, as the flags above are
+    try:
+        HfApi(endpoint=endpoint).model_info(model_id, timeout=HUB_PROBE_SECONDS)
+    except RepositoryNotFoundError:  # also a private repo without access: the hub answers alike
+        raise InputError(f"model {model_id}: the hub does not know it (check the id, log in for a private model, "
+                         f"or pass a local path)") from None
+    except HFValidationError:
+        raise InputError(f"model {model_id}: no such folder, and not a hub id (namespace/name)") from None
+    except (httpx.HTTPError, OSError) as e:  # no connection, a timeout, a proxy or server error
+        return False, f"no answer from {endpoint or 'the hub'}: {e}"
     try:
         AutoConfig.from_pretrained(model_id)
         return True, ""
-    except OSError as e:  # transformers wraps the hub's errors in OSError
-        if isinstance(e.__cause__, RepositoryNotFoundError) and not isinstance(e.__cause__, GatedRepoError):
-            raise InputError(f"model {model_id}: the hub does not know it (check the id, or pass a local path)") from None
+    except OSError as e:  # transformers wraps the hub's errors in OSError (a gated model, say)
         return False, str(e).splitlines()[0]
 
 
@@ -126,7 +130,7 @@ def resolve_model(model: str, init: str, architecture: str, texts: list[str], ca
 
     `architecture` is the script's own model id: 'tiny' is a 2-layer version of it.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     cache = Path(cache_dir)
     if model == "tiny":
@@ -136,6 +140,8 @@ def resolve_model(model: str, init: str, architecture: str, texts: list[str], ca
     if init == "pretrained":
         ok, why = hub_reachable(model)
         if ok:
+            from transformers import AutoTokenizer  # here: its first import takes seconds a refusal need not wait
+
             tokenizer = AutoTokenizer.from_pretrained(model)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token

@@ -61,13 +61,19 @@ def start_wandb(script: str, mode: str, resume: bool, config: dict, output_dir: 
 
 
 def finish_wandb(run, summary: dict, failed: bool, script: str) -> None:
-    """Record the summary, end the run, and say how to upload an offline one."""
+    """Record the summary, end the run, and say how to upload an offline one.
+
+    A resumed offline run has one folder per start, all with the run id (offline-run-<time>-<id>): the command
+    names them all, oldest first; `wandb sync` uploads the folders of one run in order of start time.
+    """
     run.summary.update(summary)
     offline = run.settings.mode == "offline"
     run_dir = Path(run.dir).parent
     run.finish(exit_code=1 if failed else 0)
     if offline:
-        print(f"{script}: W&B run saved offline; upload it with: wandb sync {run_dir}", file=sys.stderr)
+        folders = sorted(run_dir.parent.glob(f"offline-run-*-{run.id}")) or [run_dir]
+        print(f"{script}: W&B run saved offline; upload it with: wandb sync {' '.join(map(str, folders))}",
+              file=sys.stderr)
 
 
 def wandb_callback():

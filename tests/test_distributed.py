@@ -6,6 +6,7 @@ so with a model without dropout the per-step losses and gradient norms must agre
 averages the gradients and the loss is divided by the tokens of the whole step over both processes.
 """
 import json
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def test_two_processes_train_as_one(script, tmp_path, cache_dir, short_records_c
 
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["parallelism"] == "MULTI_CPU"  # DistributedDataParallel over gloo
-    assert "total over the processes" in two["how_measured"]
+    assert "total over the processes" in two["how_measured"] and "GPU" not in two["how_measured"]
     assert stderr.count("micro-batch 2 (given by --micro-batch) x 128 x ") == 1  # printed once, by rank 0
     assert stderr.count(" accumulation x 2 processes") == 1
     assert two["tokens_trained"] == one["tokens_trained"] > 0
@@ -66,6 +67,21 @@ def test_two_processes_train_as_one(script, tmp_path, cache_dir, short_records_c
     assert json.loads(record["config"]["processes"]) == 2
     (checkpoint,) = (tmp_path / "two").glob("checkpoint-*")
     assert (checkpoint / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("bad, error", [(["--max-steps", "0"], "before_small: error: --max-steps must be positive"),
+                                        (["--no-such-flag"], "before_small.py: error: unrecognized arguments")])
+def test_a_refusal_under_torchrun_is_printed_once(bad, error, tmp_path, cache_dir):
+    """Each process refuses (exit 2); only the first prints. The launcher then reports the failed child and
+    exits with its own code, 1 (torchrun's: any child failed), naming the child's exit code 2."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "before_small.py"), "--model", "tiny", "--output-dir", str(tmp_path / "out"),
+               "--cache-dir", str(cache_dir), *bad]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.count(error) == 1, done.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2", done.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 def test_tokens_per_step_must_split_over_the_processes(tmp_path, cache_dir, monkeypatch):

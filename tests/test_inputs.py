@@ -228,3 +228,63 @@ def test_help_and_refusals_answer_before_torch_is_imported(argv, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
                           env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.stdout.split()[-2:] == ["exit", "0" if argv == ["--help"] else "2"], done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("script", ["before_small", "lightweight_small", "lightweight_big"])
+def test_help_names_each_default_once(script, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    flags = text.split("\n  -")[1:]  # one entry per option, its help wrapped over several lines
+    assert len(flags) > 15
+    for flag in flags:
+        assert flag.count("default:") <= 1, flag
+        assert not any(f"(default: {v})" in flag for v in ("None", "[]", "False")), flag
+    if script == "lightweight_big":
+        assert "nf4:" in text and "kbit_prep:" in text  # --off and --on list their choices
+        assert "to checkpoint (default: all)" in " ".join(text.split())
+
+
+def full_size_args(corpus, cache, tmp_path):
+    """base_args with the real OPT-350m architecture (random weights: no hub in the tests) instead of tiny."""
+    args = base_args(corpus, cache, tmp_path)
+    args[args.index("tiny")] = before_small.MODEL
+    return args + ["--init", "random"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for runs on the CPU")
+def test_full_size_model_beyond_the_cpus_memory_is_refused_before_its_weights_exist(good_corpus, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(budget, "available_memory_gib", lambda: 3.0)
+    fresh = tmp_path / "fresh-cache"
+    line = refused(full_size_args(good_corpus, fresh, tmp_path), capsys, tmp_path)
+    # OPT-350m's 331M parameters in fp32 with AdamW: 4 + 4 + 8 bytes each
+    assert "facebook/opt-350m on the CPU: before activations this recipe needs about 4.9 GiB: weights 1.2, " \
+           "gradients 1.2, optimizer states 2.5; this machine has 3.0 GiB available" in line
+    assert "--model tiny" in line
+    assert not (fresh / "random-init").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for runs on the CPU")
+def test_full_size_model_on_the_cpu_says_what_it_needs(good_corpus, tmp_path, capsys, monkeypatch):
+    """Where it fits, one line says what the states need; the run goes on (here to a later refusal, so that no
+    weights are built)."""
+    monkeypatch.setattr(budget, "available_memory_gib", lambda: 100.0)
+    with pytest.raises(SystemExit) as stopped:
+        before_small.main(full_size_args(good_corpus, tmp_path / "fresh", tmp_path) + ["--seq-len", "5000",
+                                                                                       "--tokens-per-step", "10000"])
+    assert stopped.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 2 and "needs about 4.9 GiB" in lines[0] and "100.0 GiB available" in lines[0]
+    assert "--model tiny" in lines[0] and "--seq-len 5000" in lines[1]
+
+
+def test_available_memory_is_read_from_meminfo():
+    available = budget.available_memory_gib()
+    if Path("/proc/meminfo").exists():
+        assert 0 < available < 1 << 20
+    else:
+        assert available is None

@@ -169,6 +169,17 @@ def test_flops_per_token_counts_the_real_parameters(model_id):
     assert measure.flops_per_token(config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024
 
 
+@pytest.mark.parametrize("model_id", ["facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"])
+def test_state_estimate_before_building_is_the_out_of_memory_lines(model_id):
+    """The CPU check counts on the meta device what the out-of-memory line counts on the built model."""
+    config = sources.tiny_config(model_id, vocab_size=512)
+    built = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)
+    expected = budget.state_memory_estimate_gib(built, "adamw_torch")
+    assert budget.state_estimate_before_building_gib(config, frozen_base=False) == expected
+    frozen = budget.state_estimate_before_building_gib(config, frozen_base=True)
+    assert frozen == {"weights": expected["weights"] / 2, "gradients": 0, "optimizer states": 0}  # bf16, no states
+
+
 def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     """The probe halves from the requested size until a trial forward+backward fits in 90% of the budget.
 

@@ -8,20 +8,26 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 import lightweight_small
 from conftest import TINY
+from harness.session import Run
 from harness.signals import find_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["--max-steps", "10", "--lr", "3e-3", "--eval-every", "10", "--save-every", "100"]
 
 
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "loss" in r]
+    steps = [r["step"] for r in rows(out) if "loss" in r]
     assert len(steps) == len(set(steps)), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in rows(out) if "loss" in r}
 
 
 def script_cmd(out, cache_dir, *extra):
@@ -68,10 +74,14 @@ def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, ca
     assert 3 <= stopped_at < 10
     assert (out / f"checkpoint-{stopped_at}").is_dir()
     assert json.loads((out / "summary.json").read_text())["interrupted"] == "SIGINT"
+    assert sum("train_runtime" in r for r in rows(out)) == 1  # the interrupted run's end-of-training row
 
     resumed = subprocess.run(script_cmd(out, cache_dir, "--resume"), capture_output=True, text=True,
                              env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
     assert resumed.returncode == 0, resumed.stderr
+    assert "There were missing keys" not in resumed.stderr  # lm_head.weight: the tied embedding, not lost
+    ends = [i for i, r in enumerate(rows(out)) if "train_runtime" in r]
+    assert ends == [len(rows(out)) - 1]  # only the resumed run's, at the end
     combined = losses(out)
     assert sorted(combined) == list(range(1, 11))
     for step, loss in uninterrupted.items():
@@ -79,6 +89,8 @@ def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, ca
     assert uninterrupted[10] < uninterrupted[1] - 0.1  # the run really trained: the comparison means something
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.split("-")[-1] for r in runs}) == 1  # the same W&B run id, resumed
+    (sync,) = [line for line in resumed.stderr.splitlines() if "upload it with: wandb sync" in line]
+    assert sync.split("wandb sync ")[1].split() == [str(r) for r in runs]  # both starts, oldest first
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
 
 
@@ -130,9 +142,48 @@ def test_crash_leaves_checkpoint_metrics_and_summary_consistent(tmp_path, cache_
     assert sorted(losses(out)) == [1, 2]
     assert (out / "checkpoint-2").is_dir()
 
+    assert "lm_head.weight" not in safetensors.torch.load_file(out / "checkpoint-2" / "model.safetensors")  # tied
+
     monkeypatch.setattr(transformers.Trainer, "training_step", original)
+    resumed = {}
+    summarize = Run.summarize_training
+
+    def keep_model(self, *args):
+        resumed["model"] = self.trainer.model
+        return summarize(self, *args)
+
+    monkeypatch.setattr(Run, "summarize_training", keep_model)
     lightweight_small.main([*argv, "--resume"])
     assert sorted(losses(out)) == list(range(1, 11))
+    model = resumed["model"]  # its lm_head.weight, not in the checkpoint, is the embedding itself, as before
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_only_a_tied_embedding_is_silenced_as_missing():
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from harness.signals import tied_embedding_not_reported_missing
+    from harness.sources import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(lightweight_small.MODEL, vocab_size=128))
+    logger, seen = logging.getLogger("transformers.trainer"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    missing = "There were missing keys in the checkpoint model loaded: {}."
+    try:
+        with tied_embedding_not_reported_missing(model):
+            logger.warning(missing.format(["lm_head.weight"]))  # tied: silenced
+            logger.warning(missing.format(["model.decoder.final_layer_norm.weight"]))  # reported
+        logger.warning(missing.format(["lm_head.weight"]))  # outside a resume: reported
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied
+        with tied_embedding_not_reported_missing(model):
+            logger.warning(missing.format(["lm_head.weight"]))  # reported: it would be lost
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [missing.format(["model.decoder.final_layer_norm.weight"])] + [missing.format(["lm_head.weight"])] * 2
 
 
 def test_wandb_network_failure_falls_back_to_offline(tmp_path, cache_dir, capsys, monkeypatch):
@@ -161,37 +212,6 @@ def test_missing_wandb_logs_locally(tmp_path, cache_dir, capsys, monkeypatch):
                                       str(cache_dir)])
     assert "wandb is not installed" in capsys.readouterr().err
     assert summary["steps"] == 2 and (out / "metrics.jsonl").exists() and not (out / "wandb").exists()
-
-
-def test_model_the_hub_does_not_know_is_refused(tmp_path, cache_dir, capsys, monkeypatch):
-    import socket
-
-    import httpx
-    import transformers
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    class Reachable:
-        def close(self):
-            pass
-
-    def not_found(*args, **kwargs):
-        if kwargs.get("local_files_only"):
-            raise OSError("not cached")
-        request = httpx.Request("GET", "https://huggingface.co/nobody/no-such-model/resolve/main/config.json")
-        cause = RepositoryNotFoundError("404 Client Error: Repository Not Found",
-                                        response=httpx.Response(404, request=request))
-        # as transformers 5.17 does (utils/hub.py): the hub's error wrapped in an OSError
-        raise OSError("nobody/no-such-model is not a local folder and is not a valid model identifier") from cause
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Reachable())
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_found)
-    with pytest.raises(SystemExit) as e:
-        lightweight_small.main(["--model", "nobody/no-such-model", "--output-dir", str(tmp_path / "out"),
-                                "--cache-dir", str(cache_dir), "--wandb", "off"])
-    assert e.value.code == 2
-    assert "the hub does not know it" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 def test_no_hub_and_unknown_architecture_says_what_to_do(tmp_path, cache_dir, capsys):

@@ -35,6 +35,7 @@ def test_script_trains_and_logs(script, tmp_path, cache_dir, capsys):
     assert on_disk == json.loads(json.dumps(summary))
     assert SUMMARY_KEYS <= on_disk.keys()
     assert on_disk["oom"] is False and on_disk["steps"] == 3
+    assert on_disk["parallelism"] == "none (one process on the CPU)" and "how_measured" not in on_disk  # what ran
     assert on_disk["tokens_trained"] == train[-1]["tokens_trained"]
     if "packing" in getattr(importlib.import_module(script), "TECHNIQUES", {}):  # 3 steps x 8 rows x 63 predicted tokens
         assert on_disk["tokens_trained"] == 3 * 8 * 63
