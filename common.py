@@ -103,10 +103,11 @@ def tokenized_records(tokenizer, corpus):
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        return {"input_ids": [ids + [eos] for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]}
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [record + [eos] for record in ids]}
 
     large = corpus.data.nbytes > PROGRESS_BYTES
-    # the cache key: datasets' hash of a function that holds a tokenizer is not stable, the tokenizer's JSON is
+    # keyed by the tokenizer's own JSON: datasets' hash of a function that holds a tokenizer can change between runs
     with progress_bars(large):
         return corpus.map(
             tokenize, batched=True, remove_columns=["text"], features=Features({"input_ids": List(Value("int32"))}),
@@ -204,15 +205,15 @@ def training_records_and_heldout_blocks(tokenizer, corpus, seq_len: int, process
     train, held = split_heldout(lengths)
     train_tokens = int(lengths[train].sum())
     eval_block = min(EVAL_BLOCK, seq_len)
-    held_records = records.select(held, keep_in_memory=True, new_fingerprint=content_hash(records._fingerprint, "held", len(held)))
-    eval_blocks = packed_dataset(held_records, eval_block)
-    eval_blocks = blocks_in_whole_steps(eval_blocks.select(range(min(len(eval_blocks), EVAL_TOKENS_MAX // eval_block))),
-                                        processes)
+    key = records._fingerprint  # datasets' name for this tokenization: what is made from it is cached under it
+    held_records = records.select(held, keep_in_memory=True, new_fingerprint=content_hash(key, "held", len(held)))
+    eval_blocks = packed_dataset(held_records, eval_block)  # the last held-out record may run past the cap
+    eval_blocks = eval_blocks.select(range(min(len(eval_blocks), EVAL_TOKENS_MAX // eval_block)))
+    eval_blocks = blocks_in_whole_steps(eval_blocks, processes)
     if train_tokens < seq_len or len(eval_blocks) == 0:
         raise InputError(f"corpus {corpus_path}: too short ({train_tokens} training tokens, {len(eval_blocks)} "
                          f"held-out blocks): needs at least one {seq_len}-token training block and {processes} "
                          f"{eval_block}-token held-out block(s), one per process (every {EVAL_EVERY_RECORD}th "
                          f"record is held out)")
-    train_records = records.select(train, keep_in_memory=True,
-                                   new_fingerprint=content_hash(records._fingerprint, "train", len(held)))
+    train_records = records.select(train, keep_in_memory=True, new_fingerprint=content_hash(key, "train", len(held)))
     return train_records, eval_blocks, train_tokens

@@ -131,8 +131,8 @@ def main(argv=None):
             run("200 MB JSON Lines, padded", "before_small", corpus, mb, warm=False)
     if args.eval_share_mb:
         mb = args.eval_share_mb
-        run(f"{mb} MB JSON Lines, 2 steps", "lightweight_small", make_corpus(mb, "jsonl", work / f"corpus-{mb}mb.jsonl"),
-            mb, steps=2, warm=False)
+        corpus = make_corpus(mb, "jsonl", work / f"corpus-{mb}mb.jsonl")
+        run(f"{mb} MB JSON Lines, 2 steps", "lightweight_small", corpus, mb, steps=2, warm=False)
     if not args.no_1gb:
         run("1 GB JSON Lines", "lightweight_small", make_corpus(1000, "jsonl", work / "corpus-1000mb.jsonl"), 1000,
             warm=False)
@@ -151,7 +151,8 @@ def write_table(rows: list[dict], out: Path, command_args: str) -> None:
         "Peak RSS: the largest single process (`wait4`'s ru_maxrss, tokenizing workers included); tree PSS: the "
         "peak of the summed proportional memory of the run's processes, sampled every 0.5 s.",
         "",
-        "| corpus | script | steps | phase | wall s | CPU s | s per MB (wall) | peak RSS GiB | tree PSS GiB | eval s (share) |",
+        "| corpus | script | steps | phase | wall s | CPU s | s per MB (wall) | peak RSS GiB | tree PSS GiB "
+        "| eval s (share) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
