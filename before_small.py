@@ -6,7 +6,7 @@ attention.
 
     python before_small.py --help
 """
-from common import make_dataset, pad_pieces
+from common import padded_dataset
 from harness import session
 
 MODEL = "facebook/opt-350m"
@@ -33,7 +33,7 @@ def main(argv=None, script="before_small", model=MODEL, sizes=SIZES):
 
         model = load_model(run.weights, run.device)
         micro_batch = run.args.micro_batch
-        train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
+        train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             optim="adamw_torch",  # plain AdamW, as in the original experiment (transformers 5 defaults to fused)

@@ -1,67 +1,42 @@
 """Corpus loading and tokenization, shared by the four scripts.
 
-The corpus is a JSON list (or JSON Lines) of {"text": ...} records. Every 20th record is held out. The
-tokenizer is the model's own, or, offline, a byte-level BPE trained on the corpus. Tokenized records are cached,
-then either packed into full blocks (run_clm's group_texts) or padded one record per row (the tutorial's way).
+The corpus is a JSON list (or JSON Lines) of {"text": ...} records. It is checked record by record while it is
+streamed into an Arrow file (datasets' format, memory-mapped), so a corpus of any size is never held as Python
+objects. Every 20th record is held out, up to EVAL_TOKENS_MAX tokens. The tokenizer is the model's own, or,
+offline, a byte-level BPE trained on (the start of) the corpus. Records are tokenized by a batched map, cached
+beside the corpus's Arrow file, then either packed into full blocks (run_clm's group_texts) or padded one record
+per row (the tutorial's way); `causal_lm_collator` makes the labels of each batch.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
+import corpus_file
 from harness.cli import InputError
 
 EVAL_BLOCK = 512  # held-out tokens are packed into blocks of this length, the same for every script
-EVAL_EVERY_RECORD = 20  # every 20th corpus record is held out (5%), whatever the seed
+EVAL_EVERY_RECORD = 20  # every 20th corpus record is held out (5%), whatever the seed ...
+EVAL_TOKENS_MAX = 1024 * EVAL_BLOCK  # ... until they make 1,024 blocks: evaluation stays cheap on any corpus
+TOKENIZER_SAMPLE_BYTES = 100 * 2**20  # the corpus-trained tokenizer learns from at most the first 100 MB
+PROGRESS_BYTES = 16 * 2**20  # datasets' progress bars for corpora above this size; smaller ones take a second
 
 
-def load_corpus(path) -> list[str]:
-    """The `text` of every record of a JSON list (or JSON Lines) file; InputError on anything malformed."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"corpus {path}: is a directory, not a file")
-    if not path.is_file():
-        raise InputError(f"corpus {path}: no such file")
-    try:
-        raw = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is harmless
-    except UnicodeDecodeError as e:
-        raise InputError(f"corpus {path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"corpus {path}: cannot be read ({e.strerror})") from None
-    if not raw.strip():
-        raise InputError(f"corpus {path}: the file is empty")
-    try:
-        records = json.loads(raw)
-    except json.JSONDecodeError as first_error:
-        lines = [(n, line) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
-        if len(lines) < 2 or not lines[0][1].lstrip().startswith("{"):
-            raise InputError(f"corpus {path}: invalid or truncated JSON ({first_error})") from None
-        records = []  # JSON Lines: one object per non-empty line
-        for n, line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"corpus {path}: invalid JSON Lines, line {n}: {e.msg}") from None
-    if not isinstance(records, list):
-        raise InputError(f"corpus {path}: the top level must be a list of {{\"text\": ...}} objects, not {type(records).__name__}")
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(f"corpus {path}: record {i} has no string 'text' field")
-    texts = [r["text"] for r in records]
-    if not any(t.strip() for t in texts):
-        raise InputError(f"corpus {path}: every text is empty")
-    return [t for t in texts if t.strip()]
+def load_corpus(path, cache_dir):
+    """The corpus's non-blank texts, in order, as a memory-mapped `datasets.Dataset` with one column, "text".
 
+    Each version of the file (path, size, modification time) is checked once, record by record, as it is
+    streamed into Arrow under `cache_dir`; InputError names the first problem, before anything else is written.
+    """
+    import datasets
 
-def split_heldout(records: list) -> tuple[list, list]:
-    """Every EVAL_EVERY_RECORD-th record is held out: the same split for every script and seed."""
-    train = [r for i, r in enumerate(records) if i % EVAL_EVERY_RECORD != 0]
-    held = [r for i, r in enumerate(records) if i % EVAL_EVERY_RECORD == 0]
-    return train, held
+    return datasets.Dataset.from_file(str(corpus_file.corpus_arrow(Path(path), Path(cache_dir) / "corpora")))
 
 
 def content_hash(*parts) -> str:
@@ -69,19 +44,25 @@ def content_hash(*parts) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
-def corpus_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path):
-    """Byte-level BPE trained on the corpus (the offline fallback when the hub's tokenizer is unreachable), cached."""
+def corpus_tokenizer(corpus, vocab_size: int, cache_dir: Path):
+    """Byte-level BPE trained on the corpus (the offline fallback when the hub's tokenizer is unreachable), cached.
+
+    A large corpus trains it on its first TOKENIZER_SAMPLE_BYTES only, and says so.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    path = Path(cache_dir) / "tokenizers" / f"bpe-{content_hash(*texts)}-{vocab_size}.json"
+    path = Path(cache_dir) / "tokenizers" / f"bpe-{corpus._fingerprint}-{vocab_size}.json"
     if not path.exists():
+        if corpus.data.nbytes > TOKENIZER_SAMPLE_BYTES:
+            print(f"corpus tokenizer: trained on the first {TOKENIZER_SAMPLE_BYTES // 2**20} MB of the corpus's "
+                  f"{corpus.data.nbytes / 2**20:,.0f} MB", file=sys.stderr)
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(texts, trainer)
+        tok.train_from_iterator(first_texts(corpus, TOKENIZER_SAMPLE_BYTES), trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: processes of one launch may race here
         tok.save(str(tmp))
@@ -89,75 +70,150 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path):
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tokenize_records(tokenizer, texts: list[str], cache_dir: Path) -> list[np.ndarray]:
-    """Token ids of each record followed by EOS; cached on disk by corpus and tokenizer, so it happens once."""
-    key = content_hash(tokenizer.backend_tokenizer.to_str(), *texts)
-    path = Path(cache_dir) / "tokenized" / f"{key}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            return np.split(f["ids"], f["ends"][:-1])
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    records = [np.asarray(r + [tokenizer.eos_token_id], dtype=np.int32) for r in ids]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")  # atomic, as above
-    np.savez(tmp, ids=np.concatenate(records), ends=np.cumsum([len(r) for r in records]))
-    tmp.replace(path)
-    return records
+def first_texts(corpus, max_bytes: int):
+    """The corpus's texts from its start, until `max_bytes` of text (counted in characters) are reached."""
+    seen = 0
+    for batch in corpus.iter(batch_size=1000):
+        for text in batch["text"]:
+            if seen >= max_bytes:
+                return
+            seen += len(text)
+            yield text
 
 
-def pack(records: list[np.ndarray], block: int) -> np.ndarray:
-    """run_clm's group_texts: concatenate every record and cut full blocks (the remainder < block is dropped)."""
-    ids = np.concatenate(records)
-    n = len(ids) // block
-    return ids[: n * block].reshape(n, block)
+@contextlib.contextmanager
+def progress_bars(shown: bool):
+    """datasets' progress bars on or off within the block (off for a small corpus: a refusal stays one line)."""
+    import datasets
+
+    was_shown = datasets.is_progress_bar_enabled()
+    if was_shown and not shown:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            datasets.enable_progress_bars()
 
 
-def pad_pieces(records: list[np.ndarray], block: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The tutorial's way: each record on its own, split into `block`-token pieces, each padded to `block`.
+def tokenized_records(tokenizer, corpus):
+    """Each text's token ids (int32) followed by EOS, one row per record; cached by corpus and tokenizer."""
+    from datasets import Features, List, Value
 
-    Returns (input_ids, attention_mask); no token is dropped.
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [record + [eos] for record in ids]}
+
+    large = corpus.data.nbytes > PROGRESS_BYTES
+    # keyed by the tokenizer's own JSON: datasets' hash of a function that holds a tokenizer can change between runs
+    with progress_bars(large):
+        return corpus.map(
+            tokenize, batched=True, remove_columns=["text"], features=Features({"input_ids": List(Value("int32"))}),
+            num_proc=os.cpu_count() if large else None, desc="Tokenizing",
+            new_fingerprint=content_hash(corpus._fingerprint, tokenizer.backend_tokenizer.to_str(), eos))
+
+
+def split_heldout(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) record indices, from each record's token count: every EVAL_EVERY_RECORD-th record
+    (0, 20, 40, ...) is held out until they hold EVAL_TOKENS_MAX tokens, the rest train. The same for every seed."""
+    every = np.arange(0, len(lengths), EVAL_EVERY_RECORD)
+    held = every[: np.searchsorted(np.cumsum(lengths[every]), EVAL_TOKENS_MAX) + 1]
+    is_held = np.zeros(len(lengths), dtype=bool)
+    is_held[held] = True
+    return np.flatnonzero(~is_held), held
+
+
+def packed_dataset(records, block: int):
+    """run_clm's group_texts as a batched map: every record concatenated, in order, and cut into full `block`-token
+    rows; only the remainder < block at the very end is dropped. Cached beside the corpus."""
+    import pyarrow.compute as pc
+    from datasets import Features, List, Value
+
+    left_over = np.empty(0, dtype=np.int32)  # a block runs on into the next batch, so that none is cut short
+
+    def group_texts(batch):
+        nonlocal left_over
+        ids = np.concatenate([left_over, pc.list_flatten(batch["input_ids"]).to_numpy()])
+        whole = len(ids) // block * block
+        left_over = ids[whole:]
+        return {"input_ids": ids[:whole].reshape(-1, block)}
+
+    with progress_bars(records.data.nbytes > PROGRESS_BYTES):
+        return records.with_format("arrow").map(  # in one process: the batches come in order
+            group_texts, batched=True, remove_columns=["input_ids"], desc=f"Packing {block}-token blocks",
+            features=Features({"input_ids": List(Value("int32"), length=block)}),
+            new_fingerprint=content_hash(records._fingerprint, "packed", block)).with_format("numpy")
+
+
+def padded_dataset(records, block: int, pad_id: int):
+    """The tutorial's way as a batched map: each record on its own, split into `block`-token pieces, each padded to
+    `block` (attention_mask 0 there). No token is dropped. Cached beside the corpus."""
+    from datasets import Features, List, Value
+
+    def pad_pieces(batch):
+        pieces = [ids[i : i + block] for ids in batch["input_ids"] for i in range(0, len(ids), block)]
+        input_ids = np.full((len(pieces), block), pad_id, dtype=np.int32)
+        attention_mask = np.zeros((len(pieces), block), dtype=np.int8)
+        for row, piece in enumerate(pieces):
+            input_ids[row, : len(piece)] = piece
+            attention_mask[row, : len(piece)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    features = Features({"input_ids": List(Value("int32"), length=block),
+                         "attention_mask": List(Value("int8"), length=block)})
+    with progress_bars(records.data.nbytes > PROGRESS_BYTES):
+        return records.with_format("numpy").map(
+            pad_pieces, batched=True, remove_columns=["input_ids"], features=features,
+            desc=f"Padding to {block} tokens",
+            new_fingerprint=content_hash(records._fingerprint, "padded", block, pad_id)).with_format("numpy")
+
+
+def causal_lm_collator(rows: list[dict]) -> dict:
+    """The Trainer's batch: int64 input_ids (and attention_mask), labels = the inputs with padding set to -100.
+
+    By hand because the library's DataCollatorForLanguageModeling sets -100 wherever the id is the pad id, and
+    here the pad id is EOS, which ends every real record and is learned.
     """
-    pieces = [r[i : i + block] for r in records for i in range(0, len(r), block)]
-    ids = np.full((len(pieces), block), pad_id, dtype=np.int32)
-    mask = np.zeros((len(pieces), block), dtype=np.int32)
-    for row, piece in enumerate(pieces):
-        ids[row, : len(piece)] = piece
-        mask[row, : len(piece)] = 1
-    return ids, mask
+    import torch
+
+    batch = {name: torch.from_numpy(np.stack([row[name] for row in rows]).astype(np.int64)) for name in rows[0]}
+    batch["labels"] = batch["input_ids"].clone()
+    if "attention_mask" in batch:
+        batch["labels"][batch["attention_mask"] == 0] = -100
+    return batch
 
 
-def blocks_in_whole_steps(blocks: np.ndarray, processes: int) -> np.ndarray:
+def blocks_in_whole_steps(blocks, processes: int):
     """The held-out blocks, cut to a multiple of the number of processes (at most processes - 1 fewer).
 
     With several processes each evaluates one block per step (batch 1); where the blocks do not fill the last
     step, accelerate fills it with blocks from the start, and those would count twice in the eval loss.
     """
-    return blocks[: len(blocks) // processes * processes]
+    return blocks.select(range(len(blocks) // processes * processes))
 
 
-def training_records_and_heldout_blocks(tokenizer, texts, seq_len: int, processes: int, cache_dir, corpus):
-    """(training records, held-out blocks): the corpus tokenized, every 20th record held out and packed into
-    EVAL_BLOCK-token blocks that fill whole evaluation steps. InputError if either would be empty."""
-    train_records, held_records = split_heldout(tokenize_records(tokenizer, texts, cache_dir))
+def training_records_and_heldout_blocks(tokenizer, corpus, seq_len: int, processes: int, corpus_path):
+    """(training records, held-out blocks, training tokens): the corpus tokenized, the held-out records packed into
+    at most EVAL_TOKENS_MAX tokens of EVAL_BLOCK-token blocks that fill whole evaluation steps. InputError if the
+    training tokens or the held-out blocks would be empty."""
+    import pyarrow.compute as pc
+
+    records = tokenized_records(tokenizer, corpus)
+    lengths = pc.list_value_length(records.data.column("input_ids")).to_numpy()
+    train, held = split_heldout(lengths)
+    train_tokens = int(lengths[train].sum())
     eval_block = min(EVAL_BLOCK, seq_len)
-    train_tokens = sum(len(r) for r in train_records)
-    eval_ids = blocks_in_whole_steps(pack(held_records, eval_block), processes)
-    if train_tokens < seq_len or len(eval_ids) == 0:
-        raise InputError(f"corpus {corpus}: too short ({train_tokens} training tokens, {len(eval_ids)} held-out "
-                         f"blocks): needs at least one {seq_len}-token training block and {processes} "
+    key = records._fingerprint  # datasets' name for this tokenization: what is made from it is cached under it
+    held_records = records.select(held, keep_in_memory=True, new_fingerprint=content_hash(key, "held", len(held)))
+    eval_blocks = packed_dataset(held_records, eval_block)  # the last held-out record may run past the cap
+    eval_blocks = eval_blocks.select(range(min(len(eval_blocks), EVAL_TOKENS_MAX // eval_block)))
+    eval_blocks = blocks_in_whole_steps(eval_blocks, processes)
+    if train_tokens < seq_len or len(eval_blocks) == 0:
+        raise InputError(f"corpus {corpus_path}: too short ({train_tokens} training tokens, {len(eval_blocks)} "
+                         f"held-out blocks): needs at least one {seq_len}-token training block and {processes} "
                          f"{eval_block}-token held-out block(s), one per process (every {EVAL_EVERY_RECORD}th "
                          f"record is held out)")
-    return train_records, eval_ids
-
-
-def make_dataset(input_ids: np.ndarray, attention_mask: np.ndarray | None = None):
-    """A `datasets.Dataset` of causal-LM rows; labels are the inputs with padding set to -100 (ignored)."""
-    import datasets
-
-    labels = input_ids.astype(np.int64).copy()
-    columns = {"input_ids": input_ids.astype(np.int64)}
-    if attention_mask is not None:
-        labels[attention_mask == 0] = -100
-        columns["attention_mask"] = attention_mask.astype(np.int64)
-    columns["labels"] = labels
-    return datasets.Dataset.from_dict(columns).with_format("torch")
+    train_records = records.select(train, keep_in_memory=True, new_fingerprint=content_hash(key, "train", len(held)))
+    return train_records, eval_blocks, train_tokens

@@ -5,7 +5,7 @@
 The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py), which the benchmark compares with, is
 this script with its own techniques switched: `python lightweight_big.py` followed by REFERENCE_QLORA below.
 """
-from common import make_dataset, pack, pad_pieces
+from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
@@ -94,9 +94,9 @@ def main(argv=None):
         on, half = run.on, run.bf16_or_fp16
         model = load_model(run.weights, on, run.device, half, getattr(run.args, "checkpoint_layers", None))
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
-            train_set = make_dataset(pack(run.train_records, run.args.seq_len))
+            train_set = packed_dataset(run.train_records, run.args.seq_len)
         else:
-            train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
+            train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
         optim = ("paged_adamw_8bit" if on("paged_adamw_8bit") else
                  "paged_adamw_32bit" if on("paged_adamw_32bit") else "adamw_torch")
         micro_batch = run.args.micro_batch

@@ -5,7 +5,7 @@ is one guarded block below; `--off NAME` switches one off (the ablation).
 
     python lightweight_small.py --help
 """
-from common import make_dataset, pack, pad_pieces
+from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
 MODEL = "facebook/opt-350m"
@@ -51,9 +51,9 @@ def main(argv=None):
             for layer in model.model.decoder.layers:
                 layer.compile()
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
-            train_set = make_dataset(pack(run.train_records, run.args.seq_len))
+            train_set = packed_dataset(run.train_records, run.args.seq_len)
         else:
-            train_set = make_dataset(*pad_pieces(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id))
+            train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=on("bf16") and run.bf16_or_fp16 == torch.bfloat16,  # autocast; fp32 master weights

@@ -64,7 +64,7 @@ class Run:
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
         self.checkpoint = find_checkpoint(args.output_dir, args.resume)
-        self.texts = common.load_corpus(args.corpus)
+        self.corpus = common.load_corpus(args.corpus, args.cache_dir)
 
         import torch  # after the cheap checks: a refusal above comes before this import
 
@@ -72,7 +72,7 @@ class Run:
         from harness.sources import resolve_model
 
         check_memory_budget(args.gpu_memory_gib)
-        self.source = resolve_model(args.model, args.init, model, self.texts, args.cache_dir)
+        self.source = resolve_model(args.model, args.init, model, self.corpus, args.cache_dir)
         self.tokenizer, self.config = self.source.tokenizer, self.source.config
         if args.model != "tiny" and not torch.cuda.is_available():  # before any weights are built or loaded
             check_cpu_memory(script, args.model, self.config, frozen_base=on.chosen.get("lora", False),
@@ -108,10 +108,8 @@ class Run:
         if args.seq_len > self.config.max_position_embeddings:
             raise InputError(f"--seq-len {args.seq_len} is beyond {args.model}'s "
                              f"{self.config.max_position_embeddings} positions")
-        self.train_records, eval_ids = common.training_records_and_heldout_blocks(
-            self.tokenizer, self.texts, args.seq_len, self.world_size, args.cache_dir, args.corpus)
-        self.train_tokens = sum(len(r) for r in self.train_records)
-        self.eval_set = common.make_dataset(eval_ids)
+        self.train_records, self.eval_set, self.train_tokens = common.training_records_and_heldout_blocks(
+            self.tokenizer, self.corpus, args.seq_len, self.world_size, args.corpus)
 
     def load_weights(self) -> None:
         """Seed, output folder, weights on disk (random init saved once) and the budget: all before the model."""
@@ -190,6 +188,7 @@ class Run:
         self.summary["mfu_peak_tflops"] = peak
         self.trainer = MeasuringTrainer(
             model=model, args=training_args, train_dataset=train_set, eval_dataset=self.eval_set,
+            data_collator=common.causal_lm_collator,
             callbacks=[wandb_callback()] if self.wandb_run is not None else None,
             flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
             peak_tflops=peak, metrics_path=self.metrics_path)
@@ -237,7 +236,7 @@ class Run:
             return
         config = {
             "script": self.script, "model": args.model, "init": self.source.init, "init_note": self.source.note,
-            "corpus": str(args.corpus), "corpus_records": len(self.texts), "train_tokens_per_epoch": self.train_tokens,
+            "corpus": str(args.corpus), "corpus_records": len(self.corpus), "train_tokens_per_epoch": self.train_tokens,
             "techniques": self.on.record(), "micro_batch": micro_batch, "micro_batch_reason": self.micro_batch_reason,
             "seq_len": args.seq_len,
             "gradient_accumulation": accumulation, "processes": self.world_size,

@@ -125,7 +125,7 @@ class ModelSource:
         return self.path if self.path is not None else random_init_checkpoint(self.config, seed, cache_dir)
 
 
-def resolve_model(model: str, init: str, architecture: str, texts: list[str], cache_dir) -> ModelSource:
+def resolve_model(model: str, init: str, architecture: str, corpus, cache_dir) -> ModelSource:
     """Where `model` (a hub id, folder or 'tiny') comes from; writes nothing but the (cached) corpus tokenizer.
 
     `architecture` is the script's own model id: 'tiny' is a 2-layer version of it.
@@ -134,7 +134,7 @@ def resolve_model(model: str, init: str, architecture: str, texts: list[str], ca
 
     cache = Path(cache_dir)
     if model == "tiny":
-        tokenizer = corpus_tokenizer(texts, 1024, cache)
+        tokenizer = corpus_tokenizer(corpus, 1024, cache)
         return ModelSource(tiny_config(architecture, len(tokenizer)), None, tokenizer, "random",
                            "tiny 2-layer model, random weights")
     if init == "pretrained":
@@ -164,4 +164,4 @@ def resolve_model(model: str, init: str, architecture: str, texts: list[str], ca
         raise InputError(f"--init random: configs/ has no architecture for {model} "
                          f"(known: {', '.join(p.stem.replace('--', '/') for p in sorted(CONFIGS.glob('*.json')))})")
     note = "random weights (hub unreachable: automatic fallback)" if init == "pretrained" else "random weights"
-    return ModelSource(config, None, corpus_tokenizer(texts, config.vocab_size, cache), "random", note)
+    return ModelSource(config, None, corpus_tokenizer(corpus, config.vocab_size, cache), "random", note)

@@ -42,7 +42,7 @@ def tiny_script_model(script, cache_dir, off=(), seed=42):
     from harness.cli import Switches
     from harness.sources import resolve_model
 
-    source = resolve_model("tiny", "random", script.MODEL, common.load_corpus(SMALL_CORPUS), cache_dir)
+    source = resolve_model("tiny", "random", script.MODEL, common.load_corpus(SMALL_CORPUS, cache_dir), cache_dir)
     weights = source.from_pretrained_path(42, cache_dir)
     on = Switches(script.TECHNIQUES, off=off)
     on.skip_cuda_only("CUDA only")

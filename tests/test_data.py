@@ -25,12 +25,29 @@ def random_records(seed, n=40, low=1, high=3000, max_len=300, pad_at_end=False):
     lengths = rng.integers(0, max_len, n)
     lengths[:3] = [1, 0, max_len * 2]  # a one-token record, an empty one, a long one
     records = [rng.integers(low, high, size=length).astype(np.int32) for length in lengths]
-    if pad_at_end:  # like tokenize_records: each record ends with EOS == pad id
+    if pad_at_end:  # like tokenized_records: each record ends with EOS == pad id
         records = [np.append(r, np.int32(PAD)).astype(np.int32) for r in records]
     return records
 
 
-# ----------------------------------------------------------------------------- pack
+def as_dataset(records):
+    """Token records as the data path holds them: a Dataset with an int32 `input_ids` list per row."""
+    import datasets
+
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+    return datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in records]}, features=features)
+
+
+def pack(records, block):
+    return common.packed_dataset(as_dataset(records), block)[:]["input_ids"].reshape(-1, block)
+
+
+def pad_pieces(records, block, pad_id):
+    rows = common.padded_dataset(as_dataset(records), block, pad_id)[:]
+    return rows["input_ids"].reshape(-1, block), rows["attention_mask"].reshape(-1, block)
+
+
+# ----------------------------------------------------------------------------- packed_dataset
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -38,34 +55,47 @@ def random_records(seed, n=40, low=1, high=3000, max_len=300, pad_at_end=False):
 def test_pack_keeps_every_token_in_order(seed, block):
     records = random_records(seed)
     everything = np.concatenate(records)
-    blocks = common.pack(records, block)
+    blocks = pack(records, block)
     n = len(everything) // block
     assert blocks.shape == (n, block)
-    assert blocks.dtype == np.int32
     np.testing.assert_array_equal(blocks.reshape(-1), everything[: n * block])
     assert 0 <= len(everything) - blocks.size < block  # only the remainder, shorter than a block, is dropped
     assert PAD not in blocks  # nothing is padded: no id appears that the input did not have
     assert set(np.unique(blocks)) <= set(np.unique(everything))
 
 
+def test_pack_runs_blocks_across_map_batches():
+    """Blocks are cut from the whole stream, not per batch of 1,000 records (run_clm drops a remainder per batch)."""
+    records = [np.full(3, i % 50 + 1, dtype=np.int32) for i in range(2500)]
+    np.testing.assert_array_equal(pack(records, 8).reshape(-1), np.concatenate(records)[: 7500 // 8 * 8])
+
+
 def test_pack_shorter_than_a_block_gives_no_block():
-    blocks = common.pack([np.arange(1, 10, dtype=np.int32), np.arange(1, 5, dtype=np.int32)], 14)
-    assert blocks.shape == (0, 14)
+    assert len(common.packed_dataset(as_dataset([np.arange(1, 10, dtype=np.int32), np.arange(1, 5, dtype=np.int32)]),
+                                     14)) == 0
 
 
 def test_pack_exact_multiple_drops_nothing():
     records = [np.arange(1, 7, dtype=np.int32), np.arange(7, 13, dtype=np.int32)]
-    np.testing.assert_array_equal(common.pack(records, 4), np.arange(1, 13).reshape(3, 4))
+    np.testing.assert_array_equal(pack(records, 4), np.arange(1, 13).reshape(3, 4))
 
 
-# ----------------------------------------------------------------------------- pad_pieces
+def test_rows_are_stored_as_int32():
+    records = as_dataset(random_records(1, pad_at_end=True))
+    assert records.features["input_ids"].feature.dtype == "int32"
+    assert common.packed_dataset(records, 16).features["input_ids"].feature.dtype == "int32"
+    padded = common.padded_dataset(records, 16, PAD).features
+    assert (padded["input_ids"].feature.dtype, padded["attention_mask"].feature.dtype) == ("int32", "int8")
+
+
+# ----------------------------------------------------------------------------- padded_dataset
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("block", [1, 16, 64, 512])
 def test_pad_pieces_drops_nothing(seed, block):
     records = random_records(seed, pad_at_end=True)
-    ids, mask = common.pad_pieces(records, block, PAD)
+    ids, mask = pad_pieces(records, block, PAD)
     assert ids.shape == mask.shape and ids.shape[1] == block
     assert set(np.unique(mask)) <= {0, 1}
     # un-padding by the mask (not by the pad id: real records end with it) gives back every record, in order
@@ -78,7 +108,7 @@ def test_pad_pieces_drops_nothing(seed, block):
 
 @pytest.mark.parametrize("block", [16, 64])
 def test_pad_pieces_real_tokens_are_a_prefix(block):
-    ids, mask = common.pad_pieces(random_records(5, pad_at_end=True), block, PAD)
+    ids, mask = pad_pieces(random_records(5, pad_at_end=True), block, PAD)
     lengths = mask.sum(axis=1)
     assert (lengths >= 1).all()  # no all-padding row
     expected = (np.arange(block)[None, :] < lengths[:, None]).astype(mask.dtype)
@@ -88,7 +118,7 @@ def test_pad_pieces_real_tokens_are_a_prefix(block):
 def test_pad_pieces_splits_a_long_record():
     long = np.arange(1, 2 * 64 + 11, dtype=np.int32)  # 138 tokens: 64 + 64 + 10
     short = np.array([7, 8, PAD], dtype=np.int32)
-    ids, mask = common.pad_pieces([long, short], 64, PAD)
+    ids, mask = pad_pieces([long, short], 64, PAD)
     assert ids.shape == (4, 64)
     assert mask.sum(axis=1).tolist() == [64, 64, 10, 3]
     np.testing.assert_array_equal(ids[0], long[:64])
@@ -97,27 +127,29 @@ def test_pad_pieces_splits_a_long_record():
     np.testing.assert_array_equal(ids[3, :3], short)
 
 
-# ----------------------------------------------------------------------------- make_dataset
+# ----------------------------------------------------------------------------- causal_lm_collator
 
 
-def test_make_dataset_labels_ignore_padding_only():
-    ids, mask = common.pad_pieces(random_records(7, n=12, max_len=40, pad_at_end=True), 32, PAD)
+def test_collator_labels_ignore_padding_only():
+    rows = common.padded_dataset(as_dataset(random_records(7, n=12, max_len=40, pad_at_end=True)), 32, PAD)
+    ids, mask = rows[:]["input_ids"], rows[:]["attention_mask"]
     assert (mask == 0).any() and ((ids == PAD) & (mask == 1)).any()  # padding, and real tokens equal to the pad id
-    ds = common.make_dataset(ids, mask)
-    labels = ds[:]["labels"].numpy()
-    input_ids = ds[:]["input_ids"].numpy()
-    np.testing.assert_array_equal(input_ids, ids)
-    np.testing.assert_array_equal(ds[:]["attention_mask"].numpy(), mask)
+    batch = common.causal_lm_collator([rows[i] for i in range(len(rows))])
+    assert all(t.dtype == torch.int64 for t in batch.values())
+    labels = batch["labels"].numpy()
+    np.testing.assert_array_equal(batch["input_ids"].numpy(), ids)
+    np.testing.assert_array_equal(batch["attention_mask"].numpy(), mask)
     assert ((labels == -100) == (mask == 0)).all()  # -100 exactly where the mask is 0 ...
     np.testing.assert_array_equal(labels[mask == 1], ids[mask == 1])  # ... the input ids elsewhere (EOS included)
 
 
-def test_make_dataset_without_mask_trains_on_every_token():
-    blocks = common.pack(random_records(8), 64)
-    ds = common.make_dataset(blocks)
-    assert "attention_mask" not in ds.column_names
-    np.testing.assert_array_equal(ds[:]["labels"].numpy(), blocks)
-    assert ds[0]["labels"].dtype == torch.int64
+def test_collator_without_mask_trains_on_every_token():
+    rows = common.packed_dataset(as_dataset(random_records(8)), 64)
+    assert "attention_mask" not in rows.column_names and "labels" not in rows.column_names  # labels: not stored
+    batch = common.causal_lm_collator(rows.__getitems__([0, 2, 1]))  # as the Trainer's DataLoader fetches
+    assert set(batch) == {"input_ids", "labels"}
+    np.testing.assert_array_equal(batch["labels"].numpy(), rows[:]["input_ids"][[0, 2, 1]])
+    assert batch["labels"].dtype == torch.int64
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -206,28 +238,33 @@ def test_padded_model_loss_ignores_the_pad_tokens():
 
 @pytest.mark.parametrize("n", [0, 1, 19, 20, 21, 100, 1234])
 def test_split_heldout_every_20th_record(n):
-    records = [f"record {i}" for i in range(n)]
-    train, held = common.split_heldout(records)
+    train, held = common.split_heldout(np.full(n, 100))
     assert common.EVAL_EVERY_RECORD == 20
-    assert held == [f"record {i}" for i in range(0, n, 20)]  # indices 0, 20, 40, ...
-    assert train == [f"record {i}" for i in range(n) if i % 20]  # the rest, in order
-    assert len(train) + len(held) == n and not set(train) & set(held)  # a partition
+    assert held.tolist() == list(range(0, n, 20))  # indices 0, 20, 40, ...
+    assert train.tolist() == [i for i in range(n) if i % 20]  # the rest, in order
+
+
+def test_split_heldout_is_capped():
+    """Held-out records stop once they hold EVAL_TOKENS_MAX tokens; every later record trains."""
+    lengths = np.random.default_rng(0).integers(1, 1000, 50_000)
+    train, held = common.split_heldout(lengths)
+    assert held.tolist() == list(range(0, 20 * len(held), 20))
+    assert lengths[held[:-1]].sum() < common.EVAL_TOKENS_MAX <= lengths[held].sum()
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(len(lengths)))  # a partition
+    assert train[-1] == len(lengths) - 1 and 20 * len(held) in train
 
 
 def test_split_heldout_depends_on_position_only():
-    records = [np.full(3, i, dtype=np.int32) for i in range(61)]
+    lengths = np.arange(1, 62)
     np.random.seed(1)
     torch.manual_seed(1)
-    first = common.split_heldout(records)
+    first = common.split_heldout(lengths)
     np.random.seed(2)
     torch.manual_seed(2)
-    second = common.split_heldout(records)
+    second = common.split_heldout(lengths[::-1])  # other lengths, other seed: the same positions held out
     for a, b in zip(first, second):
-        assert len(a) == len(b) and all(x is y for x, y in zip(a, b))
-    assert [int(r[0]) for r in first[1]] == [0, 20, 40, 60]
-    # the content does not matter: reversed records, same positions held out
-    _, held_reversed = common.split_heldout(records[::-1])
-    assert [int(r[0]) for r in held_reversed] == [60, 40, 20, 0]
+        np.testing.assert_array_equal(a, b)
+    assert first[1].tolist() == [0, 20, 40, 60]
 
 
 def test_held_out_blocks_are_the_same_for_both_scripts_of_a_pair():
@@ -236,7 +273,8 @@ def test_held_out_blocks_are_the_same_for_both_scripts_of_a_pair():
     assert common.EVAL_BLOCK == 512
     eval_blocks = {min(common.EVAL_BLOCK, seq_len) for seq_len in (before, light)}
     assert eval_blocks == {512}
-    _, held = common.split_heldout(random_records(9, n=200))
-    blocks = [common.pack(held, min(common.EVAL_BLOCK, seq_len)) for seq_len in (before, light)]
+    records = random_records(9, n=200)
+    _, held = common.split_heldout(np.array([len(r) for r in records]))
+    blocks = [pack([records[i] for i in held], min(common.EVAL_BLOCK, seq_len)) for seq_len in (before, light)]
     assert len(blocks[0]) > 0
     np.testing.assert_array_equal(blocks[0], blocks[1])

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import before_small  # noqa: E402
 import common  # noqa: E402
+import corpus_file  # noqa: E402
 from harness import budget, cli  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -68,11 +69,16 @@ BAD_CORPORA = {
     "garbage-json": ("{not json", "invalid or truncated JSON"),
     "empty-file": ("", "the file is empty"),
     "whitespace-only": ("  \n\t\n  ", "the file is empty"),
-    "top-level-dict": ('{"text": "x"}', "top level must be a list"),
-    "record-without-text": ('[{"text": "fine"}, {"body": "no text here"}]', "record 1 has no string 'text' field"),
-    "text-is-a-number": ('[{"text": 42}]', "record 0 has no string 'text' field"),
-    "record-is-a-string": ('["just a string"]', "record 0 has no string 'text' field"),
+    "pretty-printed-object": ('{\n  "text": "x"\n}', "invalid or truncated JSON Lines, line 1"),
+    "csv": ('text,label\n"hello",1\n', 'not a JSON list or JSON Lines of {"text": ...} records'),
+    "top-level-string": ('"just text"', 'not a JSON list or JSON Lines of {"text": ...} records'),
+    "record-without-text": ('[{"text": "fine"},\n {"body": "no text here"}]',
+                            "record 2 (counting from 1, on line 2) has no string 'text' field"),
+    "text-is-a-number": ('[{"text": 42}]', "record 1 (counting from 1, on line 1) has no string 'text' field"),
+    "record-is-a-string": ('["just a string"]', "record 1 (counting from 1, on line 1) has no string 'text' field"),
+    "json-lines-line-without-text": ('{"text": "fine"}\n\n{"body": "no text"}\n', "line 3 has no string 'text' field"),
     "only-empty-texts": ('[{"text": ""}, {"text": "  "}]', "every text is empty"),
+    "empty-list": ("[]", "the list is empty"),
     "not-utf8": (b'[{"text": "caf\xe9"}]', "not UTF-8"),
     "shorter-than-a-block": (json.dumps([{"text": "hi"}] * 25), "too short"),
 }
@@ -95,7 +101,7 @@ def test_load_corpus_raises_input_error(tmp_path):
     corpus = tmp_path / "x.json"
     corpus.write_text('[{"text": 1}]')
     with pytest.raises(cli.InputError, match="x.json"):
-        common.load_corpus(corpus)
+        common.load_corpus(corpus, tmp_path / "cache")
 
 
 def test_json_lines_corpus_equals_json_list(tmp_path):
@@ -104,7 +110,8 @@ def test_json_lines_corpus_equals_json_list(tmp_path):
     as_list.write_text(json.dumps([{"text": t, "source": "x"} for t in texts], indent=0))
     as_lines = tmp_path / "lines.jsonl"
     as_lines.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + "\n")
-    from_list, from_lines = common.load_corpus(as_list), common.load_corpus(as_lines)
+    from_list = common.load_corpus(as_list, tmp_path / "cache")["text"]
+    from_lines = common.load_corpus(as_lines, tmp_path / "cache")["text"]
     assert from_lines == from_list
     assert from_list == [t for t in texts if t.strip()]  # blank records dropped, order kept
 
@@ -114,8 +121,7 @@ def test_good_corpus_passes_the_input_checks(good_corpus, cache, tmp_path):
     args, on = cli.parse_args("before_small", before_small.MODEL, {}, before_small.SIZES,
                               base_args(good_corpus, cache, tmp_path))
     cli.validate_args(args, on, world_size=1)
-    texts = common.load_corpus(good_corpus)
-    assert len(texts) == 45
+    assert len(common.load_corpus(good_corpus, cache)) == 45
 
 
 def test_unknown_flag_exits_2(good_corpus, cache, tmp_path, capsys):
@@ -288,3 +294,18 @@ def test_available_memory_is_read_from_meminfo():
         assert 0 < available < 1 << 20
     else:
         assert available is None
+@pytest.mark.parametrize("form", ["json-list", "json-lines"])
+def test_bad_last_record_of_a_multi_megabyte_corpus_is_refused(form, tmp_path, cache, capsys):
+    """The check streams the file (8 MB at a time): the very last record is checked before anything is written."""
+    texts = valid_texts(50_000)  # about 12 MB
+    corpus = tmp_path / f"big.{form}"
+    if form == "json-list":
+        corpus.write_text(json.dumps([{"text": t} for t in texts] + [{"txt": "the last one"}], indent=0))
+        expected = f"record {len(texts) + 1} (counting from 1, on line {3 * len(texts) + 2}) has no string 'text'"
+    else:
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + '{"txt": "the last one"}\n')
+        expected = f"line {len(texts) + 1} has no string 'text'"
+    assert corpus.stat().st_size > corpus_file.READ_BYTES  # more than one read
+    line = refused(base_args(corpus, cache, tmp_path), capsys, tmp_path)
+    assert str(corpus) in line and expected in line
+    assert not list((cache / "corpora").glob("*.tmp")), "the half-written Arrow file is removed"

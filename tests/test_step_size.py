@@ -13,26 +13,26 @@ from harness import step_size
 from harness.sources import corpus_tokenizer
 
 
-def epoch_steps(records, sizes, padded, processes=1):
-    """(steps per epoch, accumulation) of a script's default sizes on `records`."""
+def epoch_steps(records, train_tokens, sizes, padded, pad_id, processes=1):
+    """(steps per epoch, accumulation) of a script's default sizes on the training `records`."""
     seq, micro = sizes["seq_len"], sizes["micro_batch"]
-    rows = len(common.pad_pieces(records, seq, 0)[0]) if padded else len(common.pack(records, seq))
-    accumulation = step_size.accumulation(micro, processes, seq, sizes["tokens_per_step"], padded, rows,
-                                          sum(len(r) for r in records))
+    rows = len(common.padded_dataset(records, seq, pad_id) if padded else common.packed_dataset(records, seq))
+    accumulation = step_size.accumulation(micro, processes, seq, sizes["tokens_per_step"], padded, rows, train_tokens)
     return step_size.steps_per_epoch(rows, micro, accumulation, processes, drop_last=False), accumulation
 
 
 def test_a_pair_takes_the_same_steps_over_an_epoch_of_corpus_json(cache_dir):
     """before_small pads each record (about a third of its slots are tokens), lightweight_small packs; both take
     one optimizer step per 32,768 corpus tokens, so the same number of steps (within 5%) and schedule."""
-    texts = common.load_corpus(REPO / "corpus.json")
-    tokenizer = corpus_tokenizer(texts, 8000, cache_dir)
-    train, _ = common.split_heldout(common.tokenize_records(tokenizer, texts, cache_dir))
-    padded_steps, padded_accumulation = epoch_steps(train, before_small.SIZES, padded=True)
-    packed_steps, packed_accumulation = epoch_steps(train, lightweight_small.SIZES, padded=False)
+    corpus = common.load_corpus(REPO / "corpus.json", cache_dir)
+    tokenizer = corpus_tokenizer(corpus, 8000, cache_dir)
+    train, _, train_tokens = common.training_records_and_heldout_blocks(tokenizer, corpus, 512, 1, "corpus.json")
+    pad_id = tokenizer.pad_token_id
+    padded_steps, padded_accumulation = epoch_steps(train, train_tokens, before_small.SIZES, True, pad_id)
+    packed_steps, packed_accumulation = epoch_steps(train, train_tokens, lightweight_small.SIZES, False, pad_id)
     assert packed_accumulation == 1 and padded_accumulation > 8  # 8 would be equal slots, not equal tokens
     assert abs(padded_steps - packed_steps) <= 0.05 * packed_steps
-    assert packed_steps == pytest.approx(sum(len(r) for r in train) / 32768, abs=1)
+    assert packed_steps == pytest.approx(train_tokens / 32768, abs=1)
 
 
 def test_padded_accumulation_splits_over_processes():
