@@ -102,7 +102,8 @@ def loss_against_time_plot(runs: dict, results_dir: Path) -> None:
                 if curves.get("eval_time"):
                     ax.plot(*zip(*curves["eval_time"]), "o--", color=line.get_color(), label=f"{script} eval")
         ax.set(xlabel="seconds since the process started", ylabel="loss", title=" vs ".join(pair))
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     fig.tight_layout()
     fig.savefig(results_dir / "loss_time.png", dpi=100)
     plt.close(fig)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import common
 from harness import step_size
-from harness.cli import InputError, parse_args, refuse, validate_args
+from harness.cli import InputError, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
 from harness.outcome import exit_as_the_outcome_says
 from harness.signals import find_checkpoint
@@ -59,7 +59,7 @@ class Run:
     def __init__(self, script: str, model: str, args, on):
         self.script, self.args, self.on = script, args, on
         # torchrun and `accelerate launch` describe the process group in the environment; one process: 1, 0, 0
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world_size = processes_in_launch()
         self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
