@@ -78,7 +78,7 @@ def measure(script: str, corpus: Path, cache: Path, out: Path, steps: int, log: 
     """One run: wall seconds, CPU seconds, peak RSS of its largest process and peak summed PSS of its tree."""
     argv = [sys.executable, str(REPO / f"{script}.py"), *RUN, "--corpus", str(corpus), "--max-steps", str(steps),
             "--cache-dir", str(cache), "--output-dir", str(out)]
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     with log.open("w") as stderr:
         process = subprocess.Popen(["nice", *argv], stdout=stderr, stderr=stderr, env=ENV)
         tree = TreeMemory(process.pid)
@@ -89,7 +89,8 @@ def measure(script: str, corpus: Path, cache: Path, out: Path, steps: int, log: 
         raise SystemExit(f"{script} on {corpus} failed; see {log}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss * 1024 / GIB,
-            "tree_pss_gib": tree.peak_bytes / GIB, "eval_s": sum(r.get("eval_runtime", 0) for r in rows)}
+            "tree_pss_gib": tree.peak_bytes / GIB, "eval_s": sum(r.get("eval_runtime", 0) for r in rows),
+            "load": (load_before + os.getloadavg()[0]) / 2}
 
 
 def versions() -> str:
@@ -162,16 +163,20 @@ def write_table(rows: list[dict], out: Path, command_args: str) -> None:
         f"Command: `python scripts/data_scale.py {command_args}`. Each run: `--model tiny --micro-batch 2 --max-steps "
         "N`, nice'd, OMP_NUM_THREADS=1. Cold: an empty `--cache-dir`; warm: the same command again.",
         "Peak RSS: the largest single process (`wait4`'s ru_maxrss, tokenizing workers included); tree PSS: the "
-        "peak of the summed proportional memory of the run's processes, sampled every 0.5 s.",
+        "peak of the summed proportional memory of the run's processes, sampled every 0.5 s. Load: the machine's "
+        "1-minute load average (start and end); above the core count, wall time includes waiting for a core, and "
+        "CPU seconds are the steadier measure.",
         "",
         "| corpus | script | steps | phase | wall s | CPU s | s per MB (wall) | peak RSS GiB | tree PSS GiB "
-        "| eval s (share) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| eval s (share) | wall less eval s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        load = f"{r['load']:.1f}" if "load" in r else "not kept"  # rows.json of an older data_scale.py
         lines.append(f"| {r['corpus']} | {r['script']} | {r['steps']} | {r['phase']} | {r['wall_s']:.0f} | "
                      f"{r['cpu_s']:.0f} | {r['wall_s'] / r['mb']:.2f} | {r['peak_rss_gib']:.2f} | "
-                     f"{r['tree_pss_gib']:.2f} | {r['eval_s']:.1f} ({r['eval_s'] / r['wall_s']:.1%}) |")
+                     f"{r['tree_pss_gib']:.2f} | {r['eval_s']:.1f} ({r['eval_s'] / r['wall_s']:.1%}) | "
+                     f"{r['wall_s'] - r['eval_s']:.0f} | {load} |")
     out.write_text("\n".join(lines + ["", *targets(rows)]) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
@@ -198,10 +203,12 @@ def targets(rows: list[dict]) -> list[str]:
                        f"{warm['wall_s']:.0f} s ({base['wall_s']:.0f} s)",
                        warm and base and warm["wall_s"] <= 60 and warm["wall_s"] - base["wall_s"] <= 20,
                        "<= 60 s and <= corpus.json's + 20 s"))
-    small, big = row("100 MB JSON Lines"), row("1 GB JSON Lines")
-    ratio = small and big and (big["wall_s"] / big["mb"]) / (small["wall_s"] / small["mb"])
-    lines.append(check("cold s/MB at 1 GB over s/MB at 100 MB", ratio and f"{ratio:.2f}", ratio and ratio <= 1.5,
-                       "<= 1.5"))
+    small = row("100 MB JSON Lines")
+    for corpus in ("1 GB JSON Lines", "200 MB JSON Lines"):
+        big = row(corpus)
+        wall, cpu = [small and big and (big[k] / big["mb"]) / (small[k] / small["mb"]) for k in ("wall_s", "cpu_s")]
+        lines.append(check(f"cold s/MB, {corpus} over 100 MB: wall (CPU)", wall and f"{wall:.2f} ({cpu:.2f})",
+                           wall and wall <= 1.5, "<= 1.5" + ("" if corpus.startswith("1 GB") else " (not a target)")))
     return lines
 
 
