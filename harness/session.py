@@ -149,7 +149,7 @@ class Run:
         """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""
         args = self.args
         per_epoch = step_size.steps_per_epoch(len(train_set), micro_batch, self.accumulation(micro_batch, train_set),
-                                              self.world_size, drop_last=False)
+                                              self.world_size)
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.epochs)
         return dict(
             output_dir=str(self.output_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,

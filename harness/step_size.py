@@ -22,10 +22,9 @@ def accumulation(micro_batch: int, processes: int, seq_len: int, tokens_per_step
     return max(1, math.ceil(micro_batches_per_step / processes))
 
 
-def steps_per_epoch(train_rows: int, micro_batch: int, accumulation_steps: int, processes: int,
-                    drop_last: bool) -> int:
+def steps_per_epoch(train_rows: int, micro_batch: int, accumulation_steps: int, processes: int) -> int:
     """Optimizer steps in one epoch, counted as the Trainer counts them (a last partial step included)."""
-    micro_batches = train_rows // (micro_batch * processes) if drop_last else math.ceil(train_rows / (micro_batch * processes))
+    micro_batches = math.ceil(train_rows / (micro_batch * processes))
     return max(1, math.ceil(micro_batches / accumulation_steps))
 
 

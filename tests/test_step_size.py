@@ -18,7 +18,7 @@ def epoch_steps(records, train_tokens, sizes, padded, pad_id, processes=1):
     seq, micro = sizes["seq_len"], sizes["micro_batch"]
     rows = len(common.padded_dataset(records, seq, pad_id) if padded else common.packed_dataset(records, seq))
     accumulation = step_size.accumulation(micro, processes, seq, sizes["tokens_per_step"], padded, rows, train_tokens)
-    return step_size.steps_per_epoch(rows, micro, accumulation, processes, drop_last=False), accumulation
+    return step_size.steps_per_epoch(rows, micro, accumulation, processes), accumulation
 
 
 def test_a_pair_takes_the_same_steps_over_an_epoch_of_corpus_json(cache_dir):
