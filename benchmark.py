@@ -38,6 +38,10 @@ SMOKE_OUT = REPO / "runs" / "benchmark" / "smoke.json"  # never the committed re
 # ours: lightweight_big.py with its own techniques switched (lightweight_big.REFERENCE_QLORA).
 REFERENCE_QLORA = lightweight_big.REFERENCE_QLORA
 
+# What a user would run instead of lightweight_small: transformers' run_clm with its speed flags (--bf16 --tf32
+# --optim adamw_torch_fused, SDPA, 16 x 1024, group_texts packing) and nothing else.
+PEER_RUN_CLM = ["--off", "fused_ce", "--off", "compile", "--off", "auto_micro_batch", "--micro-batch", "16"]
+
 SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
 SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]
 
@@ -70,11 +74,17 @@ GROUPS = {
         dict(name="lightweight_big-2gib", script="lightweight_big",  # a small micro-batch: fewer, slower steps
              argv=["--max-steps", str(BIG_STEPS // 2), "--gpu-memory-gib", "2"]),
         dict(name="reference_qlora", script="lightweight_big", argv=["--max-steps", str(BIG_STEPS), *REFERENCE_QLORA]),
+        dict(name="peer-run_clm", script="lightweight_small", argv=["--max-steps", str(SMALL_STEPS), "--logging-steps", "5",
+                                                                    *PEER_RUN_CLM]),
     ],
     # lightweight_big's fastest setting within 8 GiB: fewer checkpointed layers, the micro-batch chosen to fit
     "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
                    argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
-              for k in (24, 20, 18)],
+              for k in (24, 20, 18)]
+    # selective checkpointing: the matmul outputs kept, the cheap ops recomputed; the probe picks the micro-batch
+    + [dict(name=f"lightweight_big-{gib}gib-selective", script="lightweight_big",
+            argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", str(gib), "--on", "selective_checkpointing"])
+       for gib in (8, 4, 2)],
     "ablation_small": ablations("lightweight_small", ABLATION_STEPS),
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time

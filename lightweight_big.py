@@ -18,6 +18,9 @@ TECHNIQUES = {
     "nf4": Technique("base weights in 4-bit NF4, double quantization, bf16 compute (bitsandbytes)", needs=("lora",)),
     "lora": Technique(f"rank-{LORA_RANK} adapters on every attention and MLP projection; the base is frozen (peft)"),
     "grad_checkpointing": Technique("recompute activations in backward (--checkpoint-layers: how many layers)"),
+    "selective_checkpointing": Technique("checkpointed layers keep their large matmul and attention outputs and "
+                                         "recompute only the cheap ops (PyTorch's selective checkpoint policy)",
+                                         default=False, needs=("grad_checkpointing",)),
     "paged_adamw_8bit": Technique("8-bit AdamW states, paged to the CPU under pressure (bitsandbytes)"),
     "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
                                needs=("lora",)),
@@ -41,11 +44,32 @@ REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32b
                    "--off", "fused_ce", "--off", "auto_micro_batch"]
 
 
+# Selective checkpointing keeps the outputs of these ops (matmuls, 4-bit matmuls, attention): costly to recompute
+SAVED_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "bitsandbytes::gemm_4bit", "aten::_scaled_dot_product_efficient_attention",
+             "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
+             "aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def keep_large_matmul_outputs(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy: save what is costly to recompute (the base projections' matmuls and
+    attention), recompute the rest (norms, GELU, adds, dequantization, the rank-16 adapters' lora_B matmuls)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = op.name()
+    inner = args[1 if name == "aten::addmm" else 0].shape[-1] if name in ("aten::mm", "aten::bmm", "aten::addmm") else None
+    if name in SAVED_OPS and inner != LORA_RANK:  # lora_B's matmul (inner size the rank) is cheap to redo
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def load_model(weights, on, device, half, checkpoint_layers=None):
     """GPT-Neo as QLoRA wants it; `half` is bf16, or fp16 on a GPU without bf16."""
+    import functools
+
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraLayer
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
@@ -79,7 +103,11 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
                 module.forward = torch.autocast(device.type, dtype=half)(module.forward)
     put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
     if on("grad_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_options = {"use_reentrant": False}  # passed to torch.utils.checkpoint.checkpoint
+        if on("selective_checkpointing"):
+            checkpoint_options["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
+                                                                 keep_large_matmul_outputs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_options)
         blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
         for block in blocks[checkpoint_layers:] if checkpoint_layers is not None else []:
             block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs

@@ -127,6 +127,8 @@ def build_parser(script: str, model: str, techniques: dict[str, Technique], size
                    help="save a checkpoint every N optimizer steps (0: only at the end); LoRA runs save adapters "
                         "only (default: %(default)s)")
     p.add_argument("--no-checkpoints", action="store_true", help="save no checkpoints (benchmarks)")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="CUDA: profile optimizer steps 6 and 7 with torch.profiler into DIR (profile.md, trace.json.gz)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output-dir: same data order, optimizer, schedule, "
                         "metrics.jsonl and W&B run")

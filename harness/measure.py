@@ -7,6 +7,7 @@ import sys
 import time
 
 import torch
+from accelerate import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback
 
 from harness.clock import seconds_since_process_start
@@ -105,6 +106,13 @@ class MeasuringTrainer(Trainer):
                 trainer._window_start, trainer._window_step = time.perf_counter(), state.global_step
 
         self.add_callback(WindowStart())
+
+    def _build_accelerator_args(self, **kwargs):  # private; TrainingArguments has no gradient_as_bucket_view
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        for handler in accelerator_args.get("kwargs_handlers", []):
+            if isinstance(handler, DistributedDataParallelKwargs):  # DDP only (one process: no DDP at all)
+                handler.gradient_as_bucket_view = True  # gradients live in DDP's buckets: no second copy of them
+        return accelerator_args
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # the loss itself is the model's forward (put_loss_in_forward)

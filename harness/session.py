@@ -85,6 +85,8 @@ class Run:
             torch.cuda.set_device(self.device)  # one GPU per process (torchrun: LOCAL_RANK)
         else:
             on.skip_cuda_only("CUDA only (this run is on the CPU)")
+        if args.profile and not self.cuda:
+            raise InputError("--profile times CUDA kernels and needs a CUDA GPU (none is visible)")
         # the dtype the bf16 technique and half-precision weights use: fp16 on GPUs without bf16
         self.bf16_or_fp16 = torch.bfloat16 if not self.cuda or torch.cuda.is_bf16_supported() else torch.float16
         self.summary = {"script": script, "model": args.model, "init": self.source.init, "oom": False,
@@ -199,6 +201,9 @@ class Run:
         stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
                                launched="TORCHELASTIC_RUN_ID" in os.environ)
         self.trainer.add_callback(stopper.callback())
+        if args.profile and self.cuda and self.main_process:
+            from harness.profile import ProfileSteps
+            self.trainer.add_callback(ProfileSteps(args.profile))
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.train_started = seconds_since_process_start()
@@ -221,6 +226,8 @@ class Run:
             final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step,
             compile_and_warmup_seconds=trainer.first_step_extra_seconds(),
             eval_seconds=trainer.seconds_in["eval"], save_seconds=trainer.seconds_in["save"])
+        if self.world_size > 1:  # DistributedDataParallel's: gradients as views into its buckets (one copy)
+            self.summary["ddp_gradient_as_bucket_view"] = getattr(trainer.model_wrapped, "gradient_as_bucket_view", None)
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""

@@ -34,7 +34,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-def tiny_script_model(script, cache_dir, off=(), seed=42):
+def tiny_script_model(script, cache_dir, off=(), seed=42, on=()):
     """(model, source): `script.load_model` on the tiny model of its architecture, on the CPU."""
     import torch
 
@@ -44,7 +44,7 @@ def tiny_script_model(script, cache_dir, off=(), seed=42):
 
     source = resolve_model("tiny", "random", script.MODEL, common.load_corpus(SMALL_CORPUS, cache_dir), cache_dir)
     weights = source.from_pretrained_path(42, cache_dir)
-    on = Switches(script.TECHNIQUES, off=off)
+    on = Switches(script.TECHNIQUES, off=off, on=on)
     on.skip_cuda_only("CUDA only")
     torch.manual_seed(seed)
     return script.load_model(weights, on, torch.device("cpu"), torch.bfloat16), source

@@ -45,6 +45,7 @@ def test_two_processes_train_as_one(script, tmp_path, cache_dir, short_records_c
 
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["parallelism"] == "MULTI_CPU"  # DistributedDataParallel over gloo
+    assert two["ddp_gradient_as_bucket_view"] is True  # MeasuringTrainer's: no second copy of the gradients
     assert "total over the processes" in two["how_measured"] and "GPU" not in two["how_measured"]
     assert stderr.count("micro-batch 2 (given by --micro-batch) x 128 x ") == 1  # printed once, by rank 0
     assert stderr.count(" accumulation x 2 processes") == 1

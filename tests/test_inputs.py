@@ -309,3 +309,20 @@ def test_bad_last_record_of_a_multi_megabyte_corpus_is_refused(form, tmp_path, c
     line = refused(base_args(corpus, cache, tmp_path), capsys, tmp_path)
     assert str(corpus) in line and expected in line
     assert not list((cache / "corpora").glob("*.tmp")), "the half-written Arrow file is removed"
+
+
+def test_profile_needs_a_gpu(good_corpus, cache, tmp_path, capsys):
+    line = refused(base_args(good_corpus, cache, tmp_path) + ["--profile", str(tmp_path / "profile")], capsys, tmp_path)
+    assert "--profile" in line and "CUDA" in line
+    assert not (tmp_path / "profile").exists()
+
+
+def test_profile_sorts_kernels_into_kinds():
+    from harness.profile import kind_of
+
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
+    assert kind_of("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
+    assert kind_of("void at::native::(anonymous namespace)::fused_adamw_kernel") == "optimizer"
+    assert kind_of("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication (NCCL)"
+    assert kind_of("triton_poi_fused_add_gelu_3") == "fused elementwise (Triton)"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other elementwise"
