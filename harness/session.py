@@ -47,6 +47,15 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     run.finish(failure, startup_seconds, argv)
 
 
+def half_precision_dtype(cuda: bool):
+    """The dtype of the bf16 technique and of half-precision weights: bf16 on the CPU and on GPUs that have it;
+    fp16 on a CUDA GPU without bf16 (V100, T4), where the bf16 technique's TrainingArguments(fp16=True) adds loss
+    scaling."""
+    import torch
+
+    return torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+
+
 def interrupted(script: str):
     """Ctrl-C outside the training loop (setup, loading, the final save): nothing to save, exit 130."""
     print(f"\n{script}: interrupted", file=sys.stderr)
@@ -85,8 +94,7 @@ class Run:
             torch.cuda.set_device(self.device)  # one GPU per process (torchrun: LOCAL_RANK)
         else:
             on.skip_cuda_only("CUDA only (this run is on the CPU)")
-        # the dtype the bf16 technique and half-precision weights use: fp16 on GPUs without bf16
-        self.bf16_or_fp16 = torch.bfloat16 if not self.cuda or torch.cuda.is_bf16_supported() else torch.float16
+        self.bf16_or_fp16 = half_precision_dtype(self.cuda)
         self.summary = {"script": script, "model": args.model, "init": self.source.init, "oom": False,
                         "budget_gib": args.gpu_memory_gib, "techniques": on.names_on(),
                         "techniques_skipped": dict(on.skipped), "seq_len": args.seq_len,
