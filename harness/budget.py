@@ -150,12 +150,16 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
         micro //= 2
 
 
-def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int) -> str:
-    """The one line an out-of-memory run ends with: where, under what budget, and what the states need."""
+def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,
+                micro_batch_that_fits: int | None = None) -> str:
+    """The one line an out-of-memory run ends with: where, under what budget, what the states need, and the
+    micro-batch that fits (0: not even 1; None: not known, nothing said)."""
     budget = f"a {budget_gib:g} GiB budget" if budget_gib else "the GPU's memory"
     need = ""
     if estimate is not None:
         need = (f"; before activations this recipe needs about {sum(estimate.values()):.1f} GiB: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in estimate.items()))
     where = f" in process {rank} of {world_size}" if world_size > 1 else ""
-    return f"{script}: out of CUDA memory{where} under {budget} (peak {peak_gib or 0:.1f} GiB reached){need}"
+    fits = ("" if micro_batch_that_fits is None else "; even micro-batch 1 does not fit" if micro_batch_that_fits == 0
+            else f"; micro-batch {micro_batch_that_fits} fits (--micro-batch {micro_batch_that_fits})")
+    return f"{script}: out of CUDA memory{where} under {budget} (peak {peak_gib or 0:.1f} GiB reached){need}{fits}"

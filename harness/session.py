@@ -47,6 +47,15 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     run.finish(failure, startup_seconds, argv)
 
 
+def half_precision_dtype(cuda: bool):
+    """The dtype of the bf16 technique and of half-precision weights: bf16 on the CPU and on GPUs that have it;
+    fp16 on a CUDA GPU without bf16 (V100, T4), where the bf16 technique's TrainingArguments(fp16=True) adds loss
+    scaling."""
+    import torch
+
+    return torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+
+
 def interrupted(script: str):
     """Ctrl-C outside the training loop (setup, loading, the final save): nothing to save, exit 130."""
     print(f"\n{script}: interrupted", file=sys.stderr)
@@ -87,8 +96,7 @@ class Run:
             on.skip_cuda_only("CUDA only (this run is on the CPU)")
         if args.profile and not self.cuda:
             raise InputError("--profile times CUDA kernels and needs a CUDA GPU (none is visible)")
-        # the dtype the bf16 technique and half-precision weights use: fp16 on GPUs without bf16
-        self.bf16_or_fp16 = torch.bfloat16 if not self.cuda or torch.cuda.is_bf16_supported() else torch.float16
+        self.bf16_or_fp16 = half_precision_dtype(self.cuda)
         self.summary = {"script": script, "model": args.model, "init": self.source.init, "oom": False,
                         "budget_gib": args.gpu_memory_gib, "techniques": on.names_on(),
                         "techniques_skipped": dict(on.skipped), "seq_len": args.seq_len,
@@ -101,6 +109,7 @@ class Run:
         self.output_dir = Path(args.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl" if self.main_process else None
         self.trainer = self.wandb_run = self.model = self.train_started = None
+        self.autocast_dtype = None  # what the training step autocasts to (TrainingArguments bf16 / fp16)
         self.optim = "adamw_torch"  # for the out-of-memory estimate, until the script names its optimizer
         self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "the script's default"
 
@@ -175,6 +184,8 @@ class Run:
 
         args, micro_batch = self.args, training_args.per_device_train_batch_size
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
+        self.autocast_dtype = (torch.bfloat16 if training_args.bf16 else
+                               torch.float16 if training_args.fp16 else None)
         self.summary.update(micro_batch=micro_batch, micro_batch_reason=self.micro_batch_reason,
                             gradient_accumulation=training_args.gradient_accumulation_steps)
         # evaluation in micro-batches, or one block at a time where no held-out block may be dropped (drop_last)
@@ -276,13 +287,14 @@ class Run:
         self.summary.update(peak_memory_gib=self.peak_memory_gib(failure is None), startup_seconds=startup_seconds)
         if self.train_started is not None:  # setup: corpus, tokenizer, model, quantization, probe
             self.summary["setup_seconds"] = self.train_started - startup_seconds
-        self.summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
         if self.trainer is not None and self.summary.get("steady_tokens_per_second"):
             self.summary["mfu"] = self.trainer.mfu(self.summary["steady_tokens_per_second"])
         if self.cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow
             self.summary["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries")
-        if self.summary["oom"]:
+        if self.summary["oom"]:  # after the peak and the retries are read: the probe makes its own
+            self.summary["micro_batch_that_fits"] = self.micro_batch_that_fits(failure)
             self.summary["oom_message"] = self.oom_message()
+        self.summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
         self.write_summary(failed=failure is not None)
         self.trainer = self.model = None
         if crash is not None:
@@ -303,12 +315,48 @@ class Run:
             peak = peak_over_processes.item()
         return peak
 
+    def micro_batch_that_fits(self, failure: BaseException) -> int | None:
+        """After training ran out of memory on one GPU: the largest micro-batch, halving from half the one that
+        failed, whose trial step fits the same budget; 0 where not even 1 does; None where none was probed.
+
+        It frees the Trainer first (optimizer states, the failed step's tensors): nothing trains after this.
+        A probe that fails otherwise gives None (its error in the summary): the out-of-memory line still comes.
+        """
+        import gc
+        import traceback
+
+        import torch
+
+        from harness.budget import available_gib, choose_micro_batch
+
+        # One process only: under a launcher the others may have died, and an FSDP forward would then hang in
+        # an all-gather that waits for them.
+        if not self.cuda or self.world_size > 1 or self.trainer is None or self.model is None:
+            return None
+        failed = self.summary["micro_batch"]
+        if failed == 1:
+            return 0  # training itself ran out at 1
+        try:
+            traceback.clear_frames(failure.__traceback__)  # the failed step's frames hold its activations
+            self.trainer = None  # the optimizer states, and the accelerator's references to them
+            self.model.zero_grad(set_to_none=True)
+            gc.collect()  # the Trainer and its callbacks reference each other
+            torch.cuda.empty_cache()
+            return choose_micro_batch(self.model, failed // 2, self.args.seq_len,
+                                      self.args.gpu_memory_gib or available_gib(), self.optim, self.autocast_dtype,
+                                      self.device)
+        except torch.OutOfMemoryError:
+            return 0  # the trial at 1 ran out too
+        except Exception as e:
+            self.summary["micro_batch_probe_error"] = f"{type(e).__name__}: {e}"
+            return None
+
     def oom_message(self) -> str:
         from harness.budget import oom_message, state_memory_estimate_gib
 
         estimate = state_memory_estimate_gib(self.model, self.optim) if self.model is not None else None
         return oom_message(self.script, self.args.gpu_memory_gib, self.summary["peak_memory_gib"], estimate,
-                           self.rank, self.world_size)
+                           self.rank, self.world_size, self.summary.get("micro_batch_that_fits"))
 
     def write_summary(self, failed: bool) -> None:
         from harness.wandb_run import finish_wandb

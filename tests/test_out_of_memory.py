@@ -1,0 +1,170 @@
+"""Running out of memory in training: the one line (exit 3) also names the micro-batch that fits.
+
+There is no GPU in the tests: `Run.micro_batch_that_fits` is run as on one CUDA GPU, with CUDA's allocator
+simulated on the CPU (as in test_models' probe test): a trial of too many sequences raises OutOfMemoryError.
+"""
+import json
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lightweight_big
+import lightweight_small
+from conftest import TINY, tiny_script_model
+from harness import budget
+from harness.loss import lm_loss_sum
+from harness.session import Run
+
+ESTIMATE = {"weights": 1.2, "gradients": 1.2, "optimizer states": 2.5}
+
+
+def test_the_line_names_the_micro_batch_that_fits_when_known():
+    plain = budget.oom_message("lightweight_small", 16, 15.9, ESTIMATE, 0, 1)
+    assert plain == ("lightweight_small: out of CUDA memory under a 16 GiB budget (peak 15.9 GiB reached); before "
+                     "activations this recipe needs about 4.9 GiB: weights 1.2, gradients 1.2, optimizer states 2.5")
+    assert budget.oom_message("lightweight_small", 16, 15.9, ESTIMATE, 0, 1, None) == plain
+    assert budget.oom_message("lightweight_small", 16, 15.9, ESTIMATE, 0, 1, 8) == \
+        plain + "; micro-batch 8 fits (--micro-batch 8)"
+    assert budget.oom_message("lightweight_small", 16, 15.9, ESTIMATE, 0, 1, 0) == \
+        plain + "; even micro-batch 1 does not fit"
+
+
+@pytest.fixture
+def simulated_gpu(cache_dir, monkeypatch):
+    """(run, tried): a Run after training ran out of memory at micro-batch 32 on one 1 GiB 'GPU' (the CPU).
+
+    A trial of more than 12 sequences runs out of memory; one of n <= 12 peaks at n / 10 GiB, so 8 is the
+    largest within 90% of the budget. `tried` lists each trial's micro-batch and the dtype it autocast to.
+    """
+    model, _ = tiny_script_model(lightweight_big, cache_dir)
+    tried, peak = [], {"bytes": 0}
+
+    def loss(hidden, head, labels, fused):
+        tried.append((hidden.shape[0], torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+        if hidden.shape[0] > 12:
+            raise torch.OutOfMemoryError("simulated")
+        peak["bytes"] = hidden.shape[0] / 10 * budget.GIB
+        return lm_loss_sum(hidden, head, labels, fused)
+
+    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: tried.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+    run = Run.__new__(Run)  # what finish() finds after the failed step; no command line, corpus or Trainer
+    run.script, run.cuda, run.world_size, run.rank, run.device = "lightweight_big", True, 1, 0, torch.device("cpu")
+    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0)
+    run.model, run.trainer, run.optim, run.autocast_dtype = model, object(), "paged_adamw_8bit", torch.bfloat16
+    run.summary = {"micro_batch": 32, "peak_memory_gib": 0.98}
+    return run, tried
+
+
+def probe(run) -> int | None:
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    except torch.OutOfMemoryError as e:
+        failure = e
+    run.summary["micro_batch_that_fits"] = run.micro_batch_that_fits(failure)
+    return run.summary["micro_batch_that_fits"]
+
+
+def test_probe_halves_from_half_the_failed_micro_batch(simulated_gpu):
+    run, tried = simulated_gpu
+    assert probe(run) == 8
+    assert tried[0] == "empty_cache"  # the failed step's memory is given back before the first trial
+    assert [t for t in tried if t != "empty_cache"] == [(16, torch.bfloat16), (8, torch.bfloat16)]
+    assert run.trainer is None and all(p.grad is None for p in run.model.parameters())
+    assert run.oom_message().endswith("(peak 1.0 GiB reached); before activations this recipe needs about "
+                                      f"{sum(budget.state_memory_estimate_gib(run.model, run.optim).values()):.1f} "
+                                      "GiB: weights 0.0, gradients 0.0, optimizer states 0.0; "
+                                      "micro-batch 8 fits (--micro-batch 8)")
+
+
+def test_probe_says_when_not_even_one_fits(simulated_gpu, monkeypatch):
+    run, tried = simulated_gpu
+
+    def out_of_memory(*args):
+        tried.append("trial")
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr("harness.loss.lm_loss_sum", out_of_memory)
+    assert probe(run) == 0 and tried.count("trial") == 5  # 16, 8, 4, 2, 1
+    assert run.oom_message().endswith("; even micro-batch 1 does not fit")
+    run.summary["micro_batch"], run.trainer, tried[:] = 1, object(), []
+    assert probe(run) == 0 and tried == []  # training itself ran out at 1: nothing to try
+
+
+def test_a_failing_probe_leaves_the_line_without_a_hint(simulated_gpu, monkeypatch):
+    run, _ = simulated_gpu
+    without_hint = Run.oom_message(run)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(budget, "choose_micro_batch", broken)
+    assert probe(run) is None
+    assert run.summary["micro_batch_probe_error"] == "RuntimeError: probe broke"
+    assert run.oom_message() == without_hint and "fits" not in without_hint
+
+
+@pytest.mark.parametrize("where", ["cpu", "two processes", "before training"])
+def test_no_probe_where_it_cannot_run(where, simulated_gpu):
+    run, tried = simulated_gpu
+    if where == "cpu":
+        run.cuda = False
+    elif where == "two processes":  # under a launcher the others may be dead: an FSDP forward would hang
+        run.world_size = 2
+    else:
+        run.trainer = None
+    assert probe(run) is None and tried == []
+
+
+def test_out_of_memory_in_training_ends_with_the_micro_batch_that_fits(tmp_path, cache_dir, capsys, monkeypatch):
+    """lightweight_small runs out of memory in step 2 (simulated); the probe, run as on one GPU, starts from half
+    the micro-batch, after the Trainer's optimizer states and gradients are gone."""
+    import transformers
+
+    original, seen = transformers.Trainer.training_step, {"calls": 0}
+
+    def out_of_memory_in_step_2(self, *args, **kwargs):  # TINY: 2 micro-batches per step
+        seen["calls"] += 1
+        if seen["calls"] == 3:
+            seen["optimizer"] = weakref.ref(self.optimizer.optimizer)  # its states exist after step 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return original(self, *args, **kwargs)
+
+    def choose_micro_batch(model, largest, seq_len, budget_gib, optim, autocast_dtype, device):
+        seen.update(largest=largest, budget_gib=budget_gib, optim=optim, autocast_dtype=autocast_dtype,
+                    optimizer_freed=seen["optimizer"]() is None,
+                    grads=[p for p in model.parameters() if p.grad is not None])
+        return 1
+
+    as_on_one_gpu = Run.micro_batch_that_fits
+
+    def micro_batch_that_fits(self, failure):
+        self.cuda = True
+        try:
+            return as_on_one_gpu(self, failure)
+        finally:
+            self.cuda = False
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", out_of_memory_in_step_2)
+    monkeypatch.setattr(Run, "micro_batch_that_fits", micro_batch_that_fits)
+    monkeypatch.setattr(budget, "choose_micro_batch", choose_micro_batch)
+    monkeypatch.setattr(budget, "available_gib", lambda: 24.0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        lightweight_small.main([*TINY, "--max-steps", "3", "--output-dir", str(out), "--cache-dir", str(cache_dir),
+                                "--wandb", "off"])
+    assert exit_info.value.code == 3
+    assert seen["largest"] == 2 and seen["budget_gib"] == 24.0 and seen["optim"] == "adamw_torch_fused"
+    assert seen["autocast_dtype"] is None  # the bf16 technique is CUDA only: skipped on the CPU
+    assert seen["optimizer_freed"] and seen["grads"] == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "out of CUDA memory" in line]
+    assert line.startswith("lightweight_small: ") and line.endswith("; micro-batch 1 fits (--micro-batch 1)")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["oom"] is True and summary["micro_batch_that_fits"] == 1 and summary["oom_message"] == line
