@@ -144,7 +144,9 @@ def table(found: dict) -> list[str]:
 
 def when(found: dict) -> str:
     seconds = found["seconds_into_trace"]
-    return f"event {found['event_index']:,}" + (f", {seconds:.1f} s into the trace" if seconds is not None else "")
+    if found["event_index"] < 0:
+        return "before the trace's first event"
+    return f"event {found['event_index']:,}" + ("" if seconds is None else f", {seconds:.1f} s after the trace's first")
 
 
 def markdown(report: dict, rank: int, command: list[str]) -> str:
