@@ -80,11 +80,7 @@ GROUPS = {
     # lightweight_big's fastest setting within 8 GiB: fewer checkpointed layers, the micro-batch chosen to fit
     "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
                    argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
-              for k in (24, 20, 18)]
-    # selective checkpointing: the matmul outputs kept, the cheap ops recomputed; the probe picks the micro-batch
-    + [dict(name=f"lightweight_big-{gib}gib-selective", script="lightweight_big",
-            argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", str(gib), "--on", "selective_checkpointing"])
-       for gib in (8, 4, 2)],
+              for k in (24, 20, 18)],
     "ablation_small": ablations("lightweight_small", ABLATION_STEPS),
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time

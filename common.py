@@ -170,18 +170,23 @@ def padded_dataset(records, block: int, pad_id: int):
             new_fingerprint=content_hash(records._fingerprint, "padded", block, pad_id)).with_format("numpy")
 
 
-def causal_lm_collator(rows: list[dict]) -> dict:
+def causal_lm_collator(rows: list[dict], fill_to_rows: int = 0) -> dict:
     """The Trainer's batch: int64 input_ids (and attention_mask), labels = the inputs with padding set to -100.
 
     By hand because the library's DataCollatorForLanguageModeling sets -100 wherever the id is the pad id, and
-    here the pad id is EOS, which ends every real record and is learned.
+    here the pad id is EOS, which ends every real record and is learned. fill_to_rows: a shorter batch (an
+    epoch's last) is filled up with copies of its first row whose labels are all -100: every batch has one
+    shape, and the filler rows carry no loss, no gradient and no counted token.
     """
     import torch
 
+    real = len(rows)
+    rows = rows + rows[:1] * max(0, fill_to_rows - real)
     batch = {name: torch.from_numpy(np.stack([row[name] for row in rows]).astype(np.int64)) for name in rows[0]}
     batch["labels"] = batch["input_ids"].clone()
     if "attention_mask" in batch:
         batch["labels"][batch["attention_mask"] == 0] = -100
+    batch["labels"][real:] = -100
     return batch
 
 

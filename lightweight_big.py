@@ -18,13 +18,12 @@ TECHNIQUES = {
     "nf4": Technique("base weights in 4-bit NF4, double quantization, bf16 compute (bitsandbytes)", needs=("lora",)),
     "lora": Technique(f"rank-{LORA_RANK} adapters on every attention and MLP projection; the base is frozen (peft)"),
     "grad_checkpointing": Technique("recompute activations in backward (--checkpoint-layers: how many layers)"),
-    "selective_checkpointing": Technique("checkpointed layers keep their large matmul and attention outputs and "
-                                         "recompute only the cheap ops (PyTorch's selective checkpoint policy)",
-                                         default=False, needs=("grad_checkpointing",)),
     "paged_adamw_8bit": Technique("8-bit AdamW states, paged to the CPU under pressure (bitsandbytes)"),
     "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
                                needs=("lora",)),
     "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
+    # No selective activation checkpointing (keep the matmul outputs, recompute the rest): its policy runs in
+    # Python for every op, and the step became CPU-bound: 9.2k tokens/s at 8 GiB against 36.4k (NOTES.md, call 13).
     # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms and
     # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB), NOTES.md.
     "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
@@ -33,6 +32,9 @@ TECHNIQUES = {
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 16; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
+    # off by default: experimental
+    "compile": Technique("torch.compile of each GPT-Neo block (one compilation serves all 24); experimental: "
+                         "measured in NOTES.md, not in the benchmark's rows", default=False, cuda_only=True),
     # off by default: the QLoRA reference's own choices
     "kbit_prep": Technique("peft's prepare_model_for_kbit_training: norms and embeddings in fp32", default=False,
                            needs=("lora",)),
@@ -44,32 +46,11 @@ REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32b
                    "--off", "fused_ce", "--off", "auto_micro_batch"]
 
 
-# Selective checkpointing keeps the outputs of these ops (matmuls, 4-bit matmuls, attention): costly to recompute
-SAVED_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "bitsandbytes::gemm_4bit", "aten::_scaled_dot_product_efficient_attention",
-             "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
-             "aten::_scaled_dot_product_flash_attention_for_cpu"}
-
-
-def keep_large_matmul_outputs(ctx, op, *args, **kwargs):
-    """Selective checkpointing's policy: save what is costly to recompute (the base projections' matmuls and
-    attention), recompute the rest (norms, GELU, adds, dequantization, the rank-16 adapters' lora_B matmuls)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    name = op.name()
-    inner = args[1 if name == "aten::addmm" else 0].shape[-1] if name in ("aten::mm", "aten::bmm", "aten::addmm") else None
-    if name in SAVED_OPS and inner != LORA_RANK:  # lora_B's matmul (inner size the rank) is cheap to redo
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def load_model(weights, on, device, half, checkpoint_layers=None):
     """GPT-Neo as QLoRA wants it; `half` is bf16, or fp16 on a GPU without bf16."""
-    import functools
-
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraLayer
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
@@ -103,14 +84,13 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
                 module.forward = torch.autocast(device.type, dtype=half)(module.forward)
     put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
     if on("grad_checkpointing"):
-        checkpoint_options = {"use_reentrant": False}  # passed to torch.utils.checkpoint.checkpoint
-        if on("selective_checkpointing"):
-            checkpoint_options["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
-                                                                 keep_large_matmul_outputs)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_options)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
         for block in blocks[checkpoint_layers:] if checkpoint_layers is not None else []:
             block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs
+    if on("compile"):  # the step is launch-bound (59% of it on the GPU, --profile): fewer, fused kernels
+        for block in (m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"):
+            block.compile()
     return model
 
 
@@ -135,7 +115,7 @@ def main(argv=None):
             bf16=on("bf16") and half == torch.bfloat16, fp16=on("bf16") and half == torch.float16,
             tf32=on("tf32"), optim=optim,
             **run.shared_training_arguments(train_set, micro_batch))
-        run.train(model, training_args, train_set)
+        run.train(model, training_args, train_set, one_batch_shape=on("compile"))  # compile: no recompilation
     return run.summary
 
 

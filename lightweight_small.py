@@ -61,7 +61,7 @@ def main(argv=None):
             tf32=on("tf32"),
             optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
             **run.shared_training_arguments(train_set, micro_batch))
-        run.train(model, training_args, train_set)
+        run.train(model, training_args, train_set, one_batch_shape=on("compile"))  # compile: no recompilation
     return run.summary
 
 

@@ -8,6 +8,7 @@ After it, whatever happened: summary.json, the end of the W&B run, and the exit 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -54,6 +55,11 @@ def half_precision_dtype(cuda: bool):
     import torch
 
     return torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def fsdp_launch() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 def interrupted(script: str):
@@ -172,10 +178,19 @@ class Run:
             prediction_loss_only=True, use_cpu=not self.cuda, dataloader_pin_memory=self.cuda,
             disable_tqdm=False, remove_unused_columns=False,
             ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
+            # FSDP: reduce-scatter the gradients after every micro-batch, so each GPU keeps only its shard. By
+            # default accelerate skips that while accumulating, and FSDP2 then holds them whole: +2.5 GiB per GPU
+            # for before_big on 2 GPUs (results/raw/issue11_memory)
+            accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if fsdp_launch() else None,
         )
 
-    def train(self, model, training_args, train_set) -> None:
-        """Start W&B, train with the measuring Trainer, and record the results in the summary."""
+    def train(self, model, training_args, train_set, one_batch_shape: bool = False) -> None:
+        """Start W&B, train with the measuring Trainer, and record the results in the summary.
+
+        one_batch_shape: fill an epoch's last, shorter micro-batch (and evaluation's) with rows that carry no loss
+        (common.causal_lm_collator), so that compiled code sees one shape and never recompiles (one process; with
+        several, evaluation goes one block at a time and is left as it is).
+        """
         import torch
 
         from harness.measure import MeasuringTrainer, flops_per_token, parameter_counts, peak_tflops
@@ -201,7 +216,8 @@ class Run:
         self.summary["mfu_peak_tflops"] = peak
         self.trainer = MeasuringTrainer(
             model=model, args=training_args, train_dataset=train_set, eval_dataset=self.eval_set,
-            data_collator=common.causal_lm_collator,
+            data_collator=functools.partial(common.causal_lm_collator, fill_to_rows=micro_batch)
+            if one_batch_shape and self.world_size == 1 else common.causal_lm_collator,
             callbacks=[wandb_callback()] if self.wandb_run is not None else None,
             flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
             peak_tflops=peak, metrics_path=self.metrics_path)

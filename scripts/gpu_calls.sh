@@ -21,21 +21,29 @@ steady)
     for s in lightweight_small lightweight_big; do python \$s.py --init random --wandb off --no-checkpoints \
       --max-steps 8 --output-dir /tmp/prof-\$s --profile $OUT/profile-\$s; done"
   wait ;;
-jobs)
-  on_gpu 0 jobs_small python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
-    --out "$OUT/jobs_small.json" --workdir /tmp/jobs0
+jobs)  # GPU 0 then tries lightweight_big's experimental compile (8 GiB, 20 checkpointed layers), with and without
+  on_gpu 0 jobs_small bash -c "python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
+    --out $OUT/jobs_small.json --workdir /tmp/jobs0 && for extra in '--on compile' ''; do python lightweight_big.py \
+    --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 8 --checkpoint-layers 20 \$extra \
+    --output-dir /tmp/big-compile\${extra:+-on} && cp /tmp/big-compile\${extra:+-on}/summary.json \
+    $OUT/big-8gib-ckpt20\${extra:+-compile}.json; done"
   on_gpu 1 jobs_big python benchmark.py --only job --runs job-before_big --out "$OUT/jobs_big.json" --workdir /tmp/jobs1
   wait ;;
 scale)
   python benchmark.py --only scale --out "$OUT/scale.json" --workdir /tmp/scale >"$OUT/scale.log" 2>&1
   FSDP="python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2"
   ARGS="--init random --wandb off --no-checkpoints --micro-batch 1 --tokens-per-step 4096"
-  $FSDP scripts/memory_breakdown.py "$OUT/fsdp-memory" -- before_big.py $ARGS --max-steps 3 \
-    --output-dir /tmp/fsdp-memory >"$OUT/fsdp_memory.log" 2>&1
-  for gib in ${BUDGETS:-16.5 17 17.5 18 19 20}; do  # the smallest per-GPU budget that trains 3 steps
-    $FSDP before_big.py $ARGS --max-steps 3 --gpu-memory-gib "$gib" --output-dir "/tmp/fsdp-$gib" \
-      >"$OUT/fsdp_budget_$gib.log" 2>&1 && { echo "trains at $gib GiB" >>"$OUT/fsdp_budget.txt"; break; }
-    echo "out of memory (or failed) at $gib GiB" >>"$OUT/fsdp_budget.txt"
-  done ;;
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 $FSDP scripts/memory_breakdown.py "$OUT/fsdp-memory" -- before_big.py $ARGS \
+    --max-steps 3 --gpu-memory-gib 16 --output-dir /tmp/fsdp-memory >"$OUT/fsdp_memory.log" 2>&1
+  trains_at() {  # gib: 3 steps under that per-GPU budget; the answer goes to fsdp_budget.txt
+    [ "$SECONDS" -gt "${DEADLINE:-500}" ] && { echo "no time left for $1 GiB" >>"$OUT/fsdp_budget.txt"; return 2; }
+    $FSDP before_big.py $ARGS --max-steps 3 --gpu-memory-gib "$1" --output-dir "/tmp/fsdp-$1" \
+      >"$OUT/fsdp_budget_$1.log" 2>&1 && { echo "trains at $1 GiB" >>"$OUT/fsdp_budget.txt"; return 0; }
+    echo "does not train at $1 GiB" >>"$OUT/fsdp_budget.txt"; return 1
+  }
+  step() { python -c "print(f'{$1 + $2:g}')"; }
+  gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
+  if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
+  else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
 *) echo "usage: bash scripts/gpu_calls.sh steady|jobs|scale OUT" >&2; exit 2 ;;
 esac

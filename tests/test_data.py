@@ -152,6 +152,32 @@ def test_collator_without_mask_trains_on_every_token():
     assert batch["labels"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_collator_fills_a_short_batch_with_rows_that_carry_no_loss(padded):
+    """fill_to_rows (one batch shape for compiled layers): the filled batch gives the same loss and gradients."""
+    records = as_dataset(random_records(9, n=12, max_len=40))
+    rows = common.padded_dataset(records, 32, PAD) if padded else common.packed_dataset(records, 32)
+    three = rows.__getitems__([0, 1, 2])
+    plain, filled = common.causal_lm_collator(three), common.causal_lm_collator(three, fill_to_rows=8)
+    assert filled["input_ids"].shape == (8, 32) and (filled["labels"][3:] == -100).all()
+    for name in plain:
+        torch.testing.assert_close(filled[name][:3], plain[name])
+    assert common.causal_lm_collator(three, fill_to_rows=2)["input_ids"].shape == (3, 32)  # never cut
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(3000, 8)  # random_records: ids below 3000
+    head = output_head(embedding.weight)
+    losses, grads = [], []
+    for batch in (plain, filled):
+        embedding.zero_grad()
+        loss = lm_loss_sum(embedding(batch["input_ids"]), head, batch["labels"], fused=False)
+        loss.backward()
+        losses.append(loss)
+        grads.append(embedding.weight.grad.clone())
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 # ----------------------------------------------------------------------------- the loss
 
 

@@ -63,11 +63,11 @@ def gpu_without_bf16(monkeypatch):
     monkeypatch.setattr(Run, "summarize_training", keep_what_trained)
     train = Run.train
 
-    def record_matmul_dtypes(self, model, training_args, train_set):
+    def record_matmul_dtypes(self, model, training_args, train_set, **options):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
                 module.register_forward_hook(lambda m, i, out: seen["matmul_dtypes"].add(out.dtype))
-        return train(self, model, training_args, train_set)
+        return train(self, model, training_args, train_set, **options)
 
     monkeypatch.setattr(Run, "train", record_matmul_dtypes)
     return seen

@@ -52,32 +52,6 @@ def test_lora_autocast_runs_the_adapters_in_bf16_from_fp32_weights(cache_dir):
     torch.testing.assert_close(grads[True], grads[False], rtol=0.05, atol=0.02 * grads[False].abs().max().item())
 
 
-def test_selective_checkpointing_keeps_the_matmuls_and_the_gradients(cache_dir):
-    """selective_checkpointing: the same gradients as whole-layer checkpointing, and backward takes the 4-bit
-    projections' outputs from the forward: they run as often as with no checkpointing at all."""
-    from torch.utils._python_dispatch import TorchDispatchMode  # counts the ops below autograd and checkpointing
-
-    class CountFourBitMatmuls(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func.name() == "bitsandbytes::gemm_4bit"  # bitsandbytes' 4-bit matmul on the CPU
-            return func(*args, **(kwargs or {}))
-
-    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
-    grads, calls = {}, {}
-    for name, off, on in (("whole", [], []), ("selective", [], ["selective_checkpointing"]),
-                          ("none", ["grad_checkpointing"], [])):
-        model, _ = tiny_script_model(lightweight_big, cache_dir, seed=0, off=off, on=on)
-        model.train()  # checkpointing is active in training mode only
-        with CountFourBitMatmuls() as counter:
-            model(input_ids=ids, labels=ids).loss.backward()
-        calls[name] = counter.calls
-        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    torch.testing.assert_close(grads["selective"], grads["whole"], rtol=0, atol=0)
-    assert calls["none"] == calls["selective"] == 12 < calls["whole"], calls  # 2 layers x 6 projections
-
-
 def tiny_gpt_neo(window=8):
     config = sources.tiny_config("EleutherAI/gpt-neo-1.3B", vocab_size=128)
     config.window_size = window

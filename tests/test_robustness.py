@@ -186,6 +186,25 @@ def test_only_a_tied_embedding_is_silenced_as_missing():
     assert seen == [missing.format(["model.decoder.final_layer_norm.weight"])] + [missing.format(["lm_head.weight"])] * 2
 
 
+def test_the_tied_embedding_filter_holds_no_weight():
+    """FSDP replaces the weights by shards inside train(): the filter must not keep the original embedding alive."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    from harness.signals import tied_embedding_not_reported_missing
+    from harness.sources import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(lightweight_small.MODEL, vocab_size=128))
+    original = weakref.ref(model.get_input_embeddings().weight)
+    with tied_embedding_not_reported_missing(model):
+        shard = torch.nn.Parameter(model.get_input_embeddings().weight.detach()[:64].clone())  # as FSDP swaps it
+        model.get_input_embeddings().weight = model.lm_head.weight = shard
+        gc.collect()
+        assert original() is None
+
+
 def test_wandb_network_failure_falls_back_to_offline(tmp_path, cache_dir, capsys, monkeypatch):
     import wandb
 
