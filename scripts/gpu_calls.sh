@@ -36,7 +36,7 @@ scale)
   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 $FSDP scripts/memory_breakdown.py "$OUT/fsdp-memory" -- before_big.py $ARGS \
     --max-steps 3 --gpu-memory-gib 16 --output-dir /tmp/fsdp-memory >"$OUT/fsdp_memory.log" 2>&1
   trains_at() {  # gib: 3 steps under that per-GPU budget; the answer goes to fsdp_budget.txt
-    [ "$SECONDS" -gt "${DEADLINE:-500}" ] && { echo "no time left for $1 GiB" >>"$OUT/fsdp_budget.txt"; return 2; }
+    [ "$SECONDS" -gt "${DEADLINE:-420}" ] && { echo "no time left for $1 GiB" >>"$OUT/fsdp_budget.txt"; return 2; }
     $FSDP before_big.py $ARGS --max-steps 3 --gpu-memory-gib "$1" --output-dir "/tmp/fsdp-$1" \
       >"$OUT/fsdp_budget_$1.log" 2>&1 && { echo "trains at $1 GiB" >>"$OUT/fsdp_budget.txt"; return 0; }
     echo "does not train at $1 GiB" >>"$OUT/fsdp_budget.txt"; return 1
