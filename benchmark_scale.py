@@ -43,6 +43,8 @@ def scale_table(runs: dict) -> list[str]:
         if not name.startswith("scale-"):
             continue
         one = runs.get(f"scale-{row['script']}-1gpu") or {}
+        if row.get("micro_batch") != one.get("micro_batch"):
+            one = {}  # another micro-batch splits each step's rows differently: neither speed nor losses compare
         speedup = (row["tokens_per_second"] / one["tokens_per_second"]
                    if row.get("tokens_per_second") and one.get("tokens_per_second") else None)
         difference = loss_difference(one, row) if row is not one and not row.get("oom") else None
