@@ -164,6 +164,11 @@ def processes_in_launch() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def fsdp_launch() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def validate_args(args, on: Switches, world_size: int) -> None:
     """Refuse values that cannot work before any work is done (InputError: one line, exit 2)."""
     problems = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import common
 from harness import step_size
-from harness.cli import InputError, parse_args, processes_in_launch, refuse, validate_args
+from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
 from harness.outcome import exit_as_the_outcome_says
 from harness.signals import find_checkpoint
@@ -55,11 +55,6 @@ def half_precision_dtype(cuda: bool):
     import torch
 
     return torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-
-
-def fsdp_launch() -> bool:
-    """Launched by `accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 def interrupted(script: str):
@@ -258,35 +253,20 @@ class Run:
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""
-        import torch
+        from harness.wandb_run import run_config, start_wandb
 
-        from harness.measure import versions
-        from harness.wandb_run import start_wandb
-
+        if not self.main_process:
+            return
         args, micro_batch = self.args, training_args.per_device_train_batch_size
         accumulation = training_args.gradient_accumulation_steps
         trainable, total = self.summary["trainable_params"], self.summary["total_params"]
-        if not self.main_process:
-            return
-        config = {
-            "script": self.script, "model": args.model, "init": self.source.init, "init_note": self.source.note,
-            "corpus": str(args.corpus), "corpus_records": len(self.corpus), "train_tokens_per_epoch": self.train_tokens,
-            "techniques": self.on.record(), "micro_batch": micro_batch, "micro_batch_reason": self.micro_batch_reason,
-            "seq_len": args.seq_len,
-            "gradient_accumulation": accumulation, "processes": self.world_size,
-            "tokens_per_step": args.tokens_per_step, "epochs": args.epochs,
-            "token_slots_per_step": micro_batch * args.seq_len * self.world_size * accumulation,
-            "max_steps": args.max_steps, "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
-            "checkpoint_layers": getattr(args, "checkpoint_layers", None), "optimizer": self.optim,
-            "gpu": torch.cuda.get_device_name(0) if self.cuda else "cpu", "versions": versions(),
-            "trainable_params": trainable, "total_params": total,
-        }
         processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
         print(f"{self.script}: {args.model} ({self.source.note}), {trainable:,} of {total:,} parameters train; "
               f"micro-batch {micro_batch} ({self.micro_batch_reason}) x {args.seq_len} x {accumulation} "
               f"accumulation{processes}; "
               f"techniques: {', '.join(self.on.names_on()) or 'none'}", file=sys.stderr)
-        self.wandb_run = start_wandb(self.script, args.wandb, args.resume, config, self.output_dir)
+        self.wandb_run = start_wandb(self.script, args.wandb, args.resume, run_config(self, training_args),
+                                     self.output_dir)
 
     def finish(self, failure: Exception | None, startup_seconds: float, argv) -> None:
         """Write summary.json and end W&B whatever happened; then exit as the outcome says (or return)."""

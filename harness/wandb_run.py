@@ -26,6 +26,28 @@ def wandb_credentials() -> bool:
     return False
 
 
+def run_config(run, training_args) -> dict:
+    """Everything about a run that its W&B config shows: model, data, techniques, sizes, step, GPU, versions."""
+    import torch
+
+    from harness.measure import versions
+
+    args, micro_batch = run.args, training_args.per_device_train_batch_size
+    accumulation = training_args.gradient_accumulation_steps
+    return {
+        "script": run.script, "model": args.model, "init": run.source.init, "init_note": run.source.note,
+        "corpus": str(args.corpus), "corpus_records": len(run.corpus), "train_tokens_per_epoch": run.train_tokens,
+        "techniques": run.on.record(), "micro_batch": micro_batch, "micro_batch_reason": run.micro_batch_reason,
+        "seq_len": args.seq_len, "gradient_accumulation": accumulation, "processes": run.world_size,
+        "tokens_per_step": args.tokens_per_step, "epochs": args.epochs,
+        "token_slots_per_step": micro_batch * args.seq_len * run.world_size * accumulation,
+        "max_steps": args.max_steps, "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
+        "checkpoint_layers": getattr(args, "checkpoint_layers", None), "optimizer": run.optim,
+        "gpu": torch.cuda.get_device_name(0) if run.cuda else "cpu", "versions": versions(),
+        "trainable_params": run.summary["trainable_params"], "total_params": run.summary["total_params"],
+    }
+
+
 def start_wandb(script: str, mode: str, resume: bool, config: dict, output_dir: Path):
     """Start the run (project $WANDB_PROJECT or WANDB_PROJECT, group = script) or return None.
 
