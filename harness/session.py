@@ -183,8 +183,9 @@ class Run:
         """Start W&B, train with the measuring Trainer, and record the results in the summary.
 
         one_batch_shape: fill an epoch's last, shorter micro-batch (and evaluation's) with rows that carry no loss
-        (common.causal_lm_collator), so that compiled code sees one shape and never recompiles (one process; with
-        several, evaluation goes one block at a time and is left as it is).
+        (common.causal_lm_collator), so that compiled code sees one shape and never recompiles. One process only:
+        with several, accelerate already completes the last training batch (`even_batches`, with rows from the
+        epoch's start) and evaluation goes one block at a time.
         """
         import torch
 
