@@ -107,12 +107,15 @@ def main(argv=None):
             train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
         optim = ("paged_adamw_8bit" if on("paged_adamw_8bit") else
                  "paged_adamw_32bit" if on("paged_adamw_32bit") else "adamw_torch")
+        # whole-model autocast: the bf16 technique; on a GPU without bf16 always, since the fp16 base's gradients
+        # need loss scaling, and TrainingArguments gives a GradScaler only with fp16 autocast
+        autocast = on("bf16") or half == torch.float16
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):
-            micro_batch = run.largest_micro_batch(model, optim, autocast=on("bf16"))
+            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
-            bf16=on("bf16") and half == torch.bfloat16, fp16=on("bf16") and half == torch.float16,
+            bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,
             tf32=on("tf32"), optim=optim,
             **run.shared_training_arguments(train_set, micro_batch))
         run.train(model, training_args, train_set, one_batch_shape=on("compile"))  # compile: no recompilation

@@ -104,3 +104,15 @@ def test_lightweight_big_with_bf16_on_trains_in_fp16_with_loss_scaling(gpu_witho
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert torch.float16 in frozen and torch.bfloat16 not in frozen  # the base: fp16 (and uint8: 4-bit packed)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters: fp32 masters
+
+
+def test_lightweight_big_scales_the_loss_without_bf16_by_default(gpu_without_bf16, tmp_path, cache_dir):
+    """bf16 off (the default): on such a GPU the base and the adapters still compute in fp16, and fp16 gradients
+    underflow without loss scaling, so the run uses fp16=True (autocast and a GradScaler) all the same."""
+    summary = lightweight_big.main([*TINY, "--max-steps", "3", "--output-dir", str(tmp_path / "out"),
+                                    "--cache-dir", str(cache_dir), "--wandb", "off"])
+    args, trainer = gpu_without_bf16["training_args"], gpu_without_bf16["trainer"]
+    assert "bf16" not in summary["techniques"] and args.fp16 and not args.bf16
+    scaler = trainer.accelerator.scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() and scaler._scale is not None
+    assert summary["steps"] == 3 and math.isfinite(summary["final_train_loss"])
