@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import json
 import math
 import os
@@ -56,11 +55,6 @@ def half_precision_dtype(cuda: bool):
     import torch
 
     return torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-
-
-def this_script_is_the_program(script: str) -> bool:
-    """`python SCRIPT.py` (or a launcher's process running it), not a call of its main() from other code."""
-    return Path(getattr(sys.modules["__main__"], "__file__", "") or "").name == f"{script}.py"
 
 
 def interrupted(script: str):
@@ -302,12 +296,6 @@ class Run:
         self.trainer = self.model = None
         if crash is not None:
             raise crash
-        if this_script_is_the_program(self.script):
-            # Everything is written. The interpreter's exit would still run a garbage collection over every
-            # object of torch and transformers: 1-4 s measured on the CPU, after summary.json is written.
-            # Frozen objects are skipped. Only when the process is this script: called in-process (tests, a
-            # notebook), frozen garbage would never be collected.
-            gc.freeze()
         exit_as_the_outcome_says(self.summary, self.script, self.main_process, self.world_size,
                                  not self.args.no_checkpoints, argv)
 

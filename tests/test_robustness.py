@@ -262,22 +262,3 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, cache_dir, capsys):
     lightweight_small.main(argv)
     (out / "checkpoint-4" / "trainer_state.json").unlink()  # as if killed while saving
     assert Path(find_checkpoint(out, resume=True)).name == "checkpoint-2"
-
-
-def test_only_a_script_run_as_the_program_freezes_its_objects_for_exit(monkeypatch, tmp_path, cache_dir):
-    """gc.freeze() spares the interpreter's exit a garbage collection over torch and transformers; called
-    in-process (here, or in a notebook) it would leave cyclic garbage uncollected, so it must not happen."""
-    import gc
-    import types
-
-    from conftest import TINY
-    from harness.session import this_script_is_the_program
-
-    for path, expected in (("/anywhere/lightweight_small.py", True), ("/x/pytest/__main__.py", False), (None, False)):
-        with monkeypatch.context() as patch:  # only this: the fixtures' own patches stay
-            patch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=path))
-            assert this_script_is_the_program("lightweight_small") is expected
-    frozen = gc.get_freeze_count()
-    lightweight_small.main([*TINY, "--max-steps", "1", "--output-dir", str(tmp_path / "out"),
-                            "--cache-dir", str(cache_dir), "--wandb", "off", "--no-checkpoints"])
-    assert gc.get_freeze_count() == frozen
