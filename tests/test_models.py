@@ -204,3 +204,19 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
                                      autocast_dtype=None, device=torch.device("cpu")) == 2
     assert tried == [16, 8, 4, 2]
     assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind
+
+
+def test_checkpoint_layers_checkpoints_only_the_first_blocks(cache_dir):
+    """--checkpoint-layers K: the first K GPT-Neo blocks recompute in backward, the others keep activations."""
+    import common
+    from conftest import SMALL_CORPUS
+    from harness.cli import Switches
+
+    source = sources.resolve_model("tiny", "random", lightweight_big.MODEL, common.load_corpus(SMALL_CORPUS, cache_dir),
+                                   cache_dir)
+    on = Switches(lightweight_big.TECHNIQUES)
+    on.skip_cuda_only("CUDA only")
+    for layers, expected in ((None, [True, True]), (1, [True, False]), (0, [False, False])):
+        model = lightweight_big.load_model(source.from_pretrained_path(42, cache_dir), on, torch.device("cpu"),
+                                           torch.bfloat16, checkpoint_layers=layers)
+        assert [b.gradient_checkpointing for b in model.modules() if b.__class__.__name__ == "GPTNeoBlock"] == expected
