@@ -30,6 +30,8 @@ TECHNIQUES = {
     "sdpa": Technique("this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window); off: eager"),
     "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
+    "pad_vocab": Technique("output layer padded from 50,257 to 50,304 rows (a multiple of 64), the padding's logits "
+                           "masked out of the loss: aligned matmuls instead of cuBLAS's slow unaligned kernels"),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 16; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
     # off by default: experimental
@@ -43,7 +45,7 @@ TECHNIQUES = {
 }
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
-                   "--off", "fused_ce", "--off", "auto_micro_batch"]
+                   "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch"]
 
 
 def load_model(weights, on, device, half, checkpoint_layers=None):
@@ -69,6 +71,11 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         model.to(device)
     if on("sdpa"):
         use_gpt_neo_sdpa(model)
+    vocab_size = model.config.vocab_size
+    if on("pad_vocab"):  # an odd vocabulary (50,257) leaves the output matmuls unaligned: 15% of the GPU time went
+        # to cutlass_75 ... align1 kernels (--profile, NOTES.md call 13). The tied embedding grows with it; the
+        # new rows are never looked up (token ids < vocab_size), and the loss masks their logits.
+        model.resize_token_embeddings(pad_to_multiple_of=64, mean_resizing=False)
     if on("kbit_prep"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if on("lora"):
@@ -82,7 +89,7 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         for module in model.modules():
             if isinstance(module, LoraLayer):
                 module.forward = torch.autocast(device.type, dtype=half)(module.forward)
-    put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
+    put_loss_in_forward(model, fused=on("fused_ce"), vocab_size=vocab_size)  # fused: no logits tensor
     blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
     if on("grad_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

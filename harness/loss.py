@@ -1,6 +1,7 @@
 """The causal-LM loss, computed inside the model's forward: plain, or liger's fused linear cross-entropy."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 
@@ -15,7 +16,7 @@ def causal_lm_parts(model):
     return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
 
 
-def put_loss_in_forward(model, fused: bool) -> None:
+def put_loss_in_forward(model, fused: bool, vocab_size: int | None = None) -> None:
     """Make the model's forward return this repo's loss (fused or plain, see `lm_loss_sum`) and no logits.
 
     Replaces the causal LM's own forward (under peft, the wrapped model's), so that `model(input_ids=...,
@@ -23,6 +24,7 @@ def put_loss_in_forward(model, fused: bool) -> None:
     gradients, and FSDP gathers the sharded weights (the tied output embedding too), only for work done inside
     a forward call. The loss is summed over predicted tokens and divided by `num_items_in_batch` (the Trainer's
     count over the whole accumulated step and all processes) or, without it, by this batch's count.
+    vocab_size: the real vocabulary, where the output layer has more rows (padded for aligned matmuls).
     """
     from transformers.modeling_outputs import CausalLMOutput
 
@@ -31,7 +33,7 @@ def put_loss_in_forward(model, fused: bool) -> None:
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **unused):
         body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        loss = lm_loss_sum(hidden, head, labels, fused)
+        loss = lm_loss_sum(hidden, head, labels, fused, vocab_size)
         count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
         return CausalLMOutput(loss=loss / count)
 
@@ -39,17 +41,29 @@ def put_loss_in_forward(model, fused: bool) -> None:
     hf.forward = forward
 
 
-def lm_loss_sum(hidden, head, labels, fused: bool):
+def lm_loss_sum(hidden, head, labels, fused: bool, vocab_size: int | None = None):
     """Summed next-token cross-entropy over labels != -100, from hidden states and the output layer `head`.
 
     fused: liger's fused linear cross-entropy with head's weight (chunks the vocabulary projection; the B x T x V
     logits never exist). Liger does not patch OPT or GPT-Neo, so the loss is wired here. Plain: head's own
     forward (under FSDP its hooks gather the tied weight there), logits in fp32, F.cross_entropy.
+    vocab_size: output rows from this index on are padding; their logits are left out of the softmax, so the
+    loss and gradients equal those of the unpadded layer.
     """
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = labels[:, 1:].reshape(-1)
+    rows = head.weight.shape[0]
+    padded = vocab_size is not None and rows > vocab_size
     if fused:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight.to(hidden.dtype), hidden, labels)
-    return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+        weight = head.weight.to(hidden.dtype)
+        # liger adds a bias to each chunk of logits: -10,000 on the padding rows makes their softmax share 0
+        # (exp(-1e4) underflows in fp32), and their gradient with it; finite, unlike -inf, in every kernel's arithmetic
+        bias = torch.zeros(rows, dtype=hidden.dtype, device=hidden.device).index_fill_(
+            0, torch.arange(vocab_size, rows, device=hidden.device), -1e4) if padded else None
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels, bias)
+    logits = head(hidden)
+    if padded:
+        logits = logits[:, :vocab_size]
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")

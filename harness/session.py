@@ -20,7 +20,7 @@ import common
 from harness import step_size
 from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
-from harness.outcome import exit_as_the_outcome_says
+from harness.outcome import end_the_process, exit_as_the_outcome_says
 from harness.signals import find_checkpoint
 
 GIB = 2**30
@@ -45,7 +45,14 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
         interrupted(script)
     except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
         failure = e
-    run.finish(failure, startup_seconds, argv)
+    try:
+        run.finish(failure, startup_seconds, argv)
+    except SystemExit as e:  # out of memory (3) or stopped by a signal
+        if argv is None:
+            end_the_process(e.code)
+        raise
+    if argv is None:  # the script's own process (`python lightweight_small.py`); main(argv) returns to its caller
+        end_the_process(0)
 
 
 def half_precision_dtype(cuda: bool):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device calls behind results/ for issues 11, 13 and 16 (2 x H200, one command each; see results/NOTES.md).
-#   bash scripts/gpu_calls.sh steady OUT   # GPU 0: main rows with the peer; GPU 1: the 8/4/2 GiB settings, profiles
+#   bash scripts/gpu_calls.sh steady OUT   # GPU 0: main rows with the peer; GPU 1: GPU loss tests, the 8/4/2 GiB
+#                                          # settings, profiles of lightweight_big with and without compile
 #   bash scripts/gpu_calls.sh jobs OUT     # each script's default job, cold then warm (GPU 1: before_big)
 #   bash scripts/gpu_calls.sh scale OUT    # 1 vs 2 processes, and before_big under FSDP: memory, smallest budget
 # Each writes its JSON, logs and summaries under OUT; merge with `python benchmark.py --merge OUT/*.json`.
@@ -17,9 +18,10 @@ steady)
   on_gpu 0 steady_main python benchmark.py --only main --runs \
     lightweight_small,lightweight_small-16gib,lightweight_small-24gib,lightweight_small-8gib,peer-run_clm,lightweight_big,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
     --out "$OUT/steady_main.json" --workdir /tmp/bench0
-  on_gpu 1 steady_fast8 bash -c "python benchmark.py --only fast8 --out $OUT/steady_fast8.json --workdir /tmp/bench1 &&
-    for s in lightweight_small lightweight_big; do python \$s.py --init random --wandb off --no-checkpoints \
-      --max-steps 8 --output-dir /tmp/prof-\$s --profile $OUT/profile-\$s; done"
+  on_gpu 1 steady_fast8 bash -c "python -m pytest -q tests/test_models.py -k 'fused or padded';
+    python benchmark.py --only fast8 --out $OUT/steady_fast8.json --workdir /tmp/bench1 &&
+    for on in '' '--on compile'; do python lightweight_big.py --init random --wandb off --no-checkpoints \
+      --max-steps 8 --output-dir /tmp/prof-big --profile $OUT/profile-lightweight_big\${on:+-compile} \$on; done"
   wait ;;
 jobs)  # GPU 0 then tries lightweight_big's experimental compile (8 GiB, 20 checkpointed layers), with and without
   on_gpu 0 jobs_small bash -c "python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \

@@ -156,6 +156,51 @@ def test_fused_cross_entropy_matches_plain_on_gpu():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def padded_copy(weight, rows):
+    """`weight` with random rows appended up to `rows`: an output layer padded for aligned matmuls."""
+    extra = 5 * torch.randn(rows - weight.shape[0], weight.shape[1], device=weight.device)
+    return torch.cat([weight.detach(), extra]).requires_grad_()
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="liger's fused kernel runs on CUDA only"))])
+def test_padded_output_rows_leave_loss_and_gradients_unchanged(fused):
+    """vocab_size masks the padding rows: the loss and the hidden states' gradient equal the unpadded layer's."""
+    torch.manual_seed(0)
+    device = "cuda" if fused else "cpu"
+    hidden = torch.randn(2, 6, 8, device=device, requires_grad=True)
+    weight = torch.randn(11, 8, device=device, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6), device=device)
+    labels[1, 4:] = -100
+    unpadded = lm_loss_sum(hidden, output_head(weight), labels, fused)
+    (grad_unpadded,) = torch.autograd.grad(unpadded, hidden)
+    padded_weight = padded_copy(weight, 64)
+    padded = lm_loss_sum(hidden, output_head(padded_weight), labels, fused, vocab_size=11)
+    grad_padded, grad_weight = torch.autograd.grad(padded, (hidden, padded_weight))
+    torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_padded, grad_unpadded, rtol=1e-4, atol=1e-5)
+    assert grad_weight[11:].abs().max() == 0  # the padding takes no part
+    unmasked = lm_loss_sum(hidden, output_head(padded_weight), labels, fused)  # the test can tell the difference
+    assert unmasked.item() > padded.item() + 1
+
+
+def test_pad_vocab_pads_the_output_rows_and_keeps_the_loss(cache_dir, monkeypatch):
+    """lightweight_big's pad_vocab: output rows a multiple of 64, and the same loss as without it (the tiny model's
+    vocabulary made odd, as GPT-Neo's 50,257)."""
+    real_config = sources.tiny_config
+    monkeypatch.setattr(sources, "tiny_config", lambda model_id, vocab_size: real_config(model_id, vocab_size + 1))
+    losses, rows = {}, {}
+    for off in ((), ("pad_vocab",)):
+        model, source = tiny_script_model(lightweight_big, cache_dir, off=off)
+        ids = torch.randint(0, len(source.tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+        batch = common.causal_lm_collator([{"input_ids": row} for row in ids.tolist()])
+        with torch.no_grad():
+            losses[off] = model(**batch).loss.item()
+        rows[off] = causal_lm_parts(model)[1].weight.shape[0]
+    assert rows[()] % 64 == 0 and rows[("pad_vocab",)] == source.config.vocab_size != rows[()]
+    assert losses[()] == pytest.approx(losses[("pad_vocab",)], rel=1e-6)
+
+
 @pytest.mark.parametrize("model_id", ["facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"])
 def test_flops_per_token_counts_the_real_parameters(model_id):
     config = AutoConfig.for_model(**json.loads(sources.config_file(model_id).read_text()))
@@ -189,12 +234,12 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     tried, peak = [], {"bytes": 0}
     real_loss = lm_loss_sum
 
-    def loss(hidden, head, labels, fused):
+    def loss(hidden, head, labels, fused, vocab_size=None):
         tried.append(hidden.shape[0])
         if hidden.shape[0] > 4:
             raise torch.OutOfMemoryError("simulated")
         peak["bytes"] = (0.95 if hidden.shape[0] == 4 else 0.5) * budget.GIB
-        return real_loss(hidden, head, labels, fused)
+        return real_loss(hidden, head, labels, fused, vocab_size)
 
     monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)

@@ -41,12 +41,12 @@ def simulated_gpu(cache_dir, monkeypatch):
     model, _ = tiny_script_model(lightweight_big, cache_dir)
     tried, peak = [], {"bytes": 0}
 
-    def loss(hidden, head, labels, fused):
+    def loss(hidden, head, labels, fused, vocab_size=None):
         tried.append((hidden.shape[0], torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
         if hidden.shape[0] > 12:
             raise torch.OutOfMemoryError("simulated")
         peak["bytes"] = hidden.shape[0] / 10 * budget.GIB
-        return lm_loss_sum(hidden, head, labels, fused)
+        return lm_loss_sum(hidden, head, labels, fused, vocab_size)
 
     monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
