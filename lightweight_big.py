@@ -24,6 +24,8 @@ TECHNIQUES = {
     "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
     # No selective activation checkpointing (keep the matmul outputs, recompute the rest): its policy runs in
     # Python for every op, and the step became CPU-bound: 9.2k tokens/s at 8 GiB against 36.4k (NOTES.md, call 13).
+    # No torch.compile of the GPT-Neo blocks: it lost at every budget (8 GiB 37.1k vs 40.1k tokens/s, 4 GiB 19.8k
+    # vs 21.5k, 2 GiB 9.8k vs 10.8k), and its profile showed the same kernels as without it (NOTES.md, call 18).
     # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms and
     # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB), NOTES.md.
     "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
@@ -34,9 +36,6 @@ TECHNIQUES = {
                            "masked out of the loss: aligned matmuls instead of cuBLAS's slow unaligned kernels"),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 16; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
-    # off by default: experimental
-    "compile": Technique("torch.compile of each GPT-Neo block (one compilation serves all 24); experimental: "
-                         "measured in NOTES.md, not in the benchmark's rows", default=False, cuda_only=True),
     # off by default: the QLoRA reference's own choices
     "kbit_prep": Technique("peft's prepare_model_for_kbit_training: norms and embeddings in fp32", default=False,
                            needs=("lora",)),
@@ -90,14 +89,11 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
             if isinstance(module, LoraLayer):
                 module.forward = torch.autocast(device.type, dtype=half)(module.forward)
     put_loss_in_forward(model, fused=on("fused_ce"), vocab_size=vocab_size)  # fused: no logits tensor
-    blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
     if on("grad_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
         for block in blocks[checkpoint_layers:] if checkpoint_layers is not None else []:
             block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs
-    if on("compile"):  # the step is launch-bound (59% of it on the GPU, --profile): fewer, fused kernels
-        for block in blocks:
-            block.compile()
     return model
 
 
@@ -125,7 +121,7 @@ def main(argv=None):
             bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,
             tf32=on("tf32"), optim=optim,
             **run.shared_training_arguments(train_set, micro_batch))
-        run.train(model, training_args, train_set, one_batch_shape=on("compile"))  # compile: no recompilation
+        run.train(model, training_args, train_set)
     return run.summary
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device calls behind results/ for issues 11, 13 and 16 (2 x H200, one command each; see results/NOTES.md).
-#   bash scripts/gpu_calls.sh steady OUT   # GPU 0: main rows with the peer; GPU 1: GPU loss tests, the 8/4/2 GiB
-#                                          # settings, profiles of lightweight_big with and without compile
+#   bash scripts/gpu_calls.sh steady OUT   # GPU 0: main rows with the peer; GPU 1: GPU loss tests, the 8 GiB
+#                                          # settings, a profile of lightweight_big
+#   bash scripts/gpu_calls.sh alone OUT    # the compared steady rows on one GPU, nothing beside them
 #   bash scripts/gpu_calls.sh jobs OUT     # each script's default job, cold then warm (GPU 1: before_big)
 #   bash scripts/gpu_calls.sh scale OUT    # 1 vs 2 processes, and before_big under FSDP: memory, smallest budget
 # Each writes its JSON, logs and summaries under OUT; merge with `python benchmark.py --merge OUT/*.json`.
@@ -20,17 +21,18 @@ steady)
     --out "$OUT/steady_main.json" --workdir /tmp/bench0
   on_gpu 1 steady_fast8 bash -c "python -m pytest -q tests/test_models.py -k 'fused or padded';
     python benchmark.py --only fast8 --out $OUT/steady_fast8.json --workdir /tmp/bench1 &&
-    for on in '' '--on compile'; do python lightweight_big.py --init random --wandb off --no-checkpoints \
-      --max-steps 8 --output-dir /tmp/prof-big --profile $OUT/profile-lightweight_big\${on:+-compile} \$on; done"
+    python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 8 --output-dir /tmp/prof-big \
+      --profile $OUT/profile-lightweight_big"
   wait ;;
-jobs)  # GPU 0 then tries lightweight_big's experimental compile (8 GiB, 20 checkpointed layers), with and without
-  on_gpu 0 jobs_small bash -c "python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
-    --out $OUT/jobs_small.json --workdir /tmp/jobs0 && for extra in '--on compile' ''; do python lightweight_big.py \
-    --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 8 --checkpoint-layers 20 \$extra \
-    --output-dir /tmp/big-compile\${extra:+-on} && cp /tmp/big-compile\${extra:+-on}/summary.json \
-    $OUT/big-8gib-ckpt20\${extra:+-compile}.json; done"
+jobs)
+  on_gpu 0 jobs_small python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
+    --out "$OUT/jobs_small.json" --workdir /tmp/jobs0
   on_gpu 1 jobs_big python benchmark.py --only job --runs job-before_big --out "$OUT/jobs_big.json" --workdir /tmp/jobs1
   wait ;;
+alone)  # the compared steady rows on GPU 0 with nothing beside them (call 20): the host's CPUs are not shared
+  CUDA_VISIBLE_DEVICES=0 python benchmark.py --only main,fast8 --runs \
+    lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
+    --out "$OUT/alone.json" --workdir /tmp/alone >"$OUT/alone.log" 2>&1 ;;
 scale)
   python benchmark.py --only scale --out "$OUT/scale.json" --workdir /tmp/scale >"$OUT/scale.log" 2>&1
   FSDP="python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2"
@@ -47,5 +49,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|jobs|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|scale OUT" >&2; exit 2 ;;
 esac
