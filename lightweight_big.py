@@ -75,6 +75,8 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         # to cutlass_75 ... align1 kernels (--profile, NOTES.md call 13). The tied embedding grows with it; the
         # new rows are never looked up (token ids < vocab_size), and the loss masks their logits.
         model.resize_token_embeddings(pad_to_multiple_of=64, mean_resizing=False)
+        model.config.vocab_size = vocab_size  # the vocabulary itself is unchanged: peft, which saves the embedding
+        # too when the config's vocabulary differs from the base model's, then saves the adapters alone
     if on("kbit_prep"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if on("lora"):

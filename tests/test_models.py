@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import before_small
@@ -184,13 +185,13 @@ def test_padded_output_rows_leave_loss_and_gradients_unchanged(fused):
     assert unmasked.item() > padded.item() + 1
 
 
-def test_pad_vocab_pads_the_output_rows_and_keeps_the_loss(cache_dir, monkeypatch):
-    """lightweight_big's pad_vocab: output rows a multiple of 64, and the same loss as without it (the tiny model's
-    vocabulary made odd, as GPT-Neo's 50,257)."""
+def test_pad_vocab_pads_the_output_rows_and_keeps_the_loss_and_the_adapter(cache_dir, monkeypatch, tmp_path):
+    """lightweight_big's pad_vocab: output rows a multiple of 64, the same loss as without it, and a saved adapter
+    without the padded embedding (the tiny model's vocabulary made odd, as GPT-Neo's 50,257)."""
     real_config = sources.tiny_config
     monkeypatch.setattr(sources, "tiny_config", lambda model_id, vocab_size: real_config(model_id, vocab_size + 1))
     losses, rows = {}, {}
-    for off in ((), ("pad_vocab",)):
+    for off in (("pad_vocab",), ()):
         model, source = tiny_script_model(lightweight_big, cache_dir, off=off)
         ids = torch.randint(0, len(source.tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
         batch = common.causal_lm_collator([{"input_ids": row} for row in ids.tolist()])
@@ -199,6 +200,9 @@ def test_pad_vocab_pads_the_output_rows_and_keeps_the_loss(cache_dir, monkeypatc
         rows[off] = causal_lm_parts(model)[1].weight.shape[0]
     assert rows[()] % 64 == 0 and rows[("pad_vocab",)] == source.config.vocab_size != rows[()]
     assert losses[()] == pytest.approx(losses[("pad_vocab",)], rel=1e-6)
+    model.save_pretrained(tmp_path / "adapter")  # the last model built: pad_vocab on
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as saved:
+        assert all("lora_" in name for name in saved.keys())  # the adapters alone, loadable onto the base
 
 
 @pytest.mark.parametrize("model_id", ["facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"])
