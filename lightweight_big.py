@@ -76,7 +76,8 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         # new rows are never looked up (token ids < vocab_size), and the loss masks their logits.
         model.resize_token_embeddings(pad_to_multiple_of=64, mean_resizing=False)
         model.config.vocab_size = vocab_size  # the vocabulary itself is unchanged: peft, which saves the embedding
-        # too when the config's vocabulary differs from the base model's, then saves the adapters alone
+        # too when the config's vocabulary differs from the base model's, then saves the adapters alone (a merged
+        # model saved whole would need `resize_token_embeddings(vocab_size)` first)
     if on("kbit_prep"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if on("lora"):

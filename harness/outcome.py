@@ -1,6 +1,8 @@
 """How a run ends: the exit code and the last line it prints."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -41,15 +43,22 @@ def end_the_process(code: int) -> None:
     """
     if watched_by_a_tool():  # a profiler or coverage writes its report at exit: a normal exit, slow or not
         raise SystemExit(code)
+    if not isinstance(code, int):  # SystemExit's other codes: None is success; a message is printed, and fails
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
     logging.shutdown()  # flushes the log handlers, as the atexit hook would
     sys.stdout.flush()
     sys.stderr.flush()
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no C library to call (Windows)
+        ctypes.CDLL(None).fflush(None)  # what C and C++ libraries printed, still in the C library's buffers
     os._exit(code)
 
 
 def watched_by_a_tool() -> bool:
-    """A profiler, tracer, debugger or coverage tool is active (`python -m cProfile SCRIPT.py`, coverage, pdb)."""
-    if sys.gettrace() is not None or sys.getprofile() is not None:
+    """A profiler, tracer, debugger or coverage tool is active (`python -m cProfile SCRIPT.py`, coverage, pdb; Nsight
+    Systems and Compute, which inject a library through CUDA_INJECTION64_PATH and write their data at exit)."""
+    if sys.gettrace() is not None or sys.getprofile() is not None or os.environ.get("CUDA_INJECTION64_PATH"):
         return True
     monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: cProfile and coverage may use sys.monitoring
     return monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in (

@@ -31,3 +31,13 @@ def test_a_profiler_still_writes_its_report(tmp_path):
     subprocess.run([sys.executable, "-m", "cProfile", "-o", str(report), str(script), str(marker)],
                    capture_output=True, text=True, timeout=60)
     assert report.exists() and marker.exists()  # a normal exit: the profiler's report and the atexit hooks
+
+
+def test_systemexits_other_codes_keep_their_meaning(tmp_path):
+    """None ends with 0; a message is printed and ends with 1, as a normal SystemExit would."""
+    for code, expected, err in (("None", 0, ""), ("'stopped: no data'", 1, "stopped: no data\n")):
+        script = tmp_path / "script.py"
+        script.write_text(SCRIPT.replace("end_the_process(3)", f"end_the_process({code})"))
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "teardown")], capture_output=True,
+                              text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (expected, err)
