@@ -33,7 +33,7 @@ def exit_as_the_outcome_says(summary: dict, script: str, main_process: bool, pro
                      "final_train_loss", "final_eval_loss") and v is not None), file=sys.stderr)
 
 
-def end_the_process(code: int) -> None:
+def end_the_process(code: int | str | None) -> None:
     """Exit now with `code`, skipping the interpreter's teardown; for a script's own process, after its last line.
 
     Everything the run writes is written and closed by then (summary.json, metrics.jsonl, checkpoints, the W&B
