@@ -51,7 +51,7 @@ def main(argv=None):
             for layer in model.model.decoder.layers:
                 layer.compile()
             # under DDP, keep each layer one graph: dynamo would split it at DDP's 25 MB gradient buckets, losing
-            # fusions (2 GPUs: +16% memory per GPU, 1.78x; unsplit: +0%, 1.86x; NOTES.md, call 16)
+            # fusions (2 GPUs: +16% memory per GPU, 1.78x; unsplit: +0%, 1.85x; NOTES.md, calls 15 and 17)
             torch._dynamo.config.optimize_ddp = False  # a documented dynamo setting (torch._dynamo.config)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = packed_dataset(run.train_records, run.args.seq_len)
