@@ -55,7 +55,8 @@ def job_row(script: str, workdir: Path, argv=()) -> dict:
     return {
         "name": f"job-{script}", "script": script, "job": True, "argv": list(argv),
         "job_seconds": seconds, "job_seconds_cold": cold_seconds, "job_seconds_inside": summary.get("job_seconds"),
-        "parts": {part: summary.get(part) for part in PARTS}, "steps": summary.get("steps"),
+        "parts": {part: summary.get(part) for part in PARTS}, "setup_parts": summary.get("setup_parts"),
+        "steps": summary.get("steps"),
         "micro_batch": summary.get("micro_batch"), "eval_loss": summary.get("final_eval_loss"),
         "train_loss": summary.get("final_train_loss"), "tokens_trained": summary.get("tokens_trained"),
         "peak_memory_gib": summary.get("peak_memory_gib"), "oom": summary.get("oom"),

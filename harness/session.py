@@ -81,7 +81,9 @@ class Run:
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
         self.checkpoint = find_checkpoint(args.output_dir, args.resume)
+        self.setup_marks = {"startup": seconds_since_process_start()}  # setup's parts: see setup_parts()
         self.corpus = common.load_corpus(args.corpus, args.cache_dir)
+        self.mark("corpus")
 
         import torch  # after the cheap checks: a refusal above comes before this import
 
@@ -89,12 +91,15 @@ class Run:
         from harness.sources import resolve_model
 
         check_memory_budget(args.gpu_memory_gib)
+        self.mark("torch_import")
         self.source = resolve_model(args.model, args.init, model, self.corpus, args.cache_dir)
         self.tokenizer, self.config = self.source.tokenizer, self.source.config
+        self.mark("tokenizer_and_config")
         if args.model != "tiny" and not torch.cuda.is_available():  # before any weights are built or loaded
             check_cpu_memory(script, args.model, self.config, frozen_base=on.chosen.get("lora", False),
                              processes=self.world_size, quiet=not self.main_process)  # lora: lightweight_big's
         self.prepare_records()
+        self.mark("records")
 
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
@@ -140,6 +145,16 @@ class Run:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.weights = self.source.from_pretrained_path(self.args.seed, self.args.cache_dir)  # before the cap:
         apply_memory_budget(self.args.gpu_memory_gib)  # a random init may be built on the GPU
+        self.mark("weights_located")
+
+    def mark(self, part: str) -> None:
+        """Record that setup's `part` ends now (its seconds: from the previous mark)."""
+        self.setup_marks[part] = seconds_since_process_start()
+
+    def setup_parts(self) -> dict:
+        """Seconds per part of setup, in order; the model part includes the script's micro-batch probe."""
+        names, times = list(self.setup_marks), list(self.setup_marks.values())
+        return {names[i]: round(times[i] - times[i - 1], 3) for i in range(1, len(names))}
 
     def accumulation(self, micro_batch: int, train_set) -> int:
         """Micro-batches per optimizer step per process (harness.step_size.accumulation: fair at equal data)."""
@@ -200,6 +215,7 @@ class Run:
         from harness.signals import StopOnSignal, restart_metrics, tied_embedding_not_reported_missing
         from harness.wandb_run import wandb_callback
 
+        self.mark("model_and_micro_batch")  # the script's block: model load, quantization, probe, dataset
         args, micro_batch = self.args, training_args.per_device_train_batch_size
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
         self.autocast_dtype = (torch.bfloat16 if training_args.bf16 else
@@ -215,6 +231,7 @@ class Run:
         tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
         self.summary["trainable_params"], self.summary["total_params"] = trainable, total = parameter_counts(model)
         self.start_wandb(training_args)
+        self.mark("wandb")
         peak, self.summary["mfu_peak_source"] = peak_tflops(torch.cuda.get_device_name(0) if self.cuda else "")
         self.summary["mfu_peak_tflops"] = peak
         self.trainer = MeasuringTrainer(
@@ -236,7 +253,8 @@ class Run:
             self.trainer.add_callback(ProfileSteps(args.profile))
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
-        self.train_started = seconds_since_process_start()
+        self.mark("trainer")
+        self.train_started = self.setup_marks["trainer"]
         with stopper, tied_embedding_not_reported_missing(model):
             result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
         if stopper.signum is not None:
@@ -291,6 +309,7 @@ class Run:
         self.summary.update(peak_memory_gib=self.peak_memory_gib(failure is None), startup_seconds=startup_seconds)
         if self.train_started is not None:  # setup: corpus, tokenizer, model, quantization, probe
             self.summary["setup_seconds"] = self.train_started - startup_seconds
+            self.summary["setup_parts"] = self.setup_parts()
         if self.trainer is not None and self.summary.get("steady_tokens_per_second"):
             self.summary["mfu"] = self.trainer.mfu(self.summary["steady_tokens_per_second"])
         if self.cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow

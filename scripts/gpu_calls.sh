@@ -33,6 +33,25 @@ alone)  # the compared steady rows on GPU 0 with nothing beside them (call 20): 
   CUDA_VISIBLE_DEVICES=0 python benchmark.py --only main,fast8 --runs \
     lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
     --out "$OUT/alone.json" --workdir /tmp/alone >"$OUT/alone.log" 2>&1 ;;
+leads)  # session 6's leads on GPU 0 alone (results/NOTES.md, call 21): the small job's setup parts; lightweight_big at
+  # one micro-batch of 32 per step, uncapped and under 8 GiB; lightweight_small's slow window without the first eval
+  export CUDA_VISIBLE_DEVICES=0
+  Q="--init random --wandb off --no-checkpoints"
+  for k in cold warm; do  # the default job as a user runs it (W&B offline), cold compile cache then warm
+    python lightweight_small.py --init random --output-dir "/tmp/job-small-$k" --cache-dir /tmp/leads-cache \
+      >"$OUT/job_small_$k.log" 2>&1; cp "/tmp/job-small-$k/summary.json" "$OUT/job_small_${k}_summary.json"
+  done
+  for budget in 0 8; do  # 0: uncapped
+    cap=(); [ "$budget" != 0 ] && cap=(--gpu-memory-gib "$budget")
+    python lightweight_big.py $Q --max-steps 12 --logging-steps 1 --micro-batch 32 "${cap[@]}" \
+      --output-dir "/tmp/big32-$budget" >"$OUT/big32_$budget.log" 2>&1
+    cp "/tmp/big32-$budget/summary.json" "$OUT/big32_${budget}_summary.json"; cp "/tmp/big32-$budget/metrics.jsonl" "$OUT/big32_${budget}_metrics.jsonl"
+  done
+  for every in 8 30; do  # 8: the benchmark's (30 steps / 4); 30: no evaluation before the end
+    python lightweight_small.py $Q --max-steps 30 --logging-steps 1 --eval-every "$every" --output-dir "/tmp/small-eval$every" \
+      >"$OUT/small_eval$every.log" 2>&1
+    cp "/tmp/small-eval$every/metrics.jsonl" "$OUT/small_eval${every}_metrics.jsonl"; cp "/tmp/small-eval$every/summary.json" "$OUT/small_eval${every}_summary.json"
+  done ;;
 scale)
   python benchmark.py --only scale --out "$OUT/scale.json" --workdir /tmp/scale >"$OUT/scale.log" 2>&1
   FSDP="python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2"
@@ -49,5 +68,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|leads|scale OUT" >&2; exit 2 ;;
 esac
