@@ -7,12 +7,13 @@ import sys
 
 def scale_rows() -> list[dict]:
     """1 and 2 processes at the same tokens per step, 20 steps logged each: speed, per-GPU memory, and the
-    per-step losses that must agree (DDP for the lightweight scripts, FSDP for before_big)."""
+    per-step losses that must agree (DDP for the lightweight scripts, FSDP for before_big). The lightweight
+    scripts' steps are two of their default micro-batches (32 x 1024), so that each GPU runs the same one."""
     fsdp = ["accelerate", "--config_file", "configs/accelerate/fsdp.yaml"]
     steps = ["--max-steps", "20", "--logging-steps", "1", "--eval-every", "20"]
     rows = []
     for script, launcher, argv in (("lightweight_small", ["torchrun"], ["--tokens-per-step", "65536"]),
-                                   ("lightweight_big", ["torchrun"], []),
+                                   ("lightweight_big", ["torchrun"], ["--tokens-per-step", "65536"]),
                                    ("before_big", fsdp, ["--micro-batch", "4", "--tokens-per-step", "4096"])):
         for processes in (1, 2):
             rows.append(dict(name=f"scale-{script}-{processes}gpu", script=script, processes=processes,

@@ -9,9 +9,9 @@ from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
-SIZES = dict(micro_batch=16,           # auto_micro_batch halves it until a step fits the GPU or the budget
-             seq_len=1024,
-             tokens_per_step=32768)    # = 16 x 1024 x 2 accumulation; the same slots per step as before_big
+SIZES = dict(micro_batch=32,           # one micro-batch per step: its host work (peft, bitsandbytes, recompute) is
+             seq_len=1024,             # paid once, not twice (40.8k vs 38.4k tokens/s, 7.1 vs 4.1 GiB; NOTES.md,
+             tokens_per_step=32768)    # call 21); auto_micro_batch halves it until a step fits the GPU or budget
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]  # every attention and MLP projection
 TECHNIQUES = {
@@ -34,7 +34,7 @@ TECHNIQUES = {
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
     "pad_vocab": Technique("output layer padded from 50,257 to 50,304 rows (a multiple of 64), the padding's logits "
                            "masked out of the loss: aligned matmuls instead of cuBLAS's slow unaligned kernels"),
-    "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 16; "
+    "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
     # off by default: the QLoRA reference's own choices
     "kbit_prep": Technique("peft's prepare_model_for_kbit_training: norms and embeddings in fp32", default=False,
@@ -44,7 +44,8 @@ TECHNIQUES = {
 }
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
-                   "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch"]
+                   "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch",
+                   "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
 
 
 def load_model(weights, on, device, half, checkpoint_layers=None):
@@ -124,7 +125,9 @@ def main(argv=None):
             bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,
             tf32=on("tf32"), optim=optim,
             **run.shared_training_arguments(train_set, micro_batch))
-        run.train(model, training_args, train_set)
+        # one shape: an epoch's short last micro-batch ran at 29k tokens/s against 43k, more than its fewer rows
+        # explain; the suspects are kernels tuned or compiled per shape (liger's Triton, cuBLAS; NOTES.md, call 21)
+        run.train(model, training_args, train_set, one_batch_shape=True)
     return run.summary
 
 

@@ -205,7 +205,7 @@ class Run:
         """Start W&B, train with the measuring Trainer, and record the results in the summary.
 
         one_batch_shape: fill an epoch's last, shorter micro-batch (and evaluation's) with rows that carry no loss
-        (common.causal_lm_collator), so that compiled code sees one shape and never recompiles. One process only:
+        (common.causal_lm_collator), so that compiled code and kernels tuned per shape see one shape. One process only:
         with several, accelerate already completes the last training batch (`even_batches`, with rows from the
         epoch's start) and evaluation goes one block at a time.
         """

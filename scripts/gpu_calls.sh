@@ -31,7 +31,7 @@ jobs)
   wait ;;
 alone)  # the compared steady rows on GPU 0 with nothing beside them (call 20): the host's CPUs are not shared
   CUDA_VISIBLE_DEVICES=0 python benchmark.py --only main,fast8 --runs \
-    lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
+    lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt24,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
     --out "$OUT/alone.json" --workdir /tmp/alone >"$OUT/alone.log" 2>&1 ;;
 leads)  # session 6's leads on GPU 0 alone (results/NOTES.md, call 21): the small job's setup parts; lightweight_big at
   # one micro-batch of 32 per step, uncapped and under 8 GiB; lightweight_small's slow window without the first eval

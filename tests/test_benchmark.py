@@ -79,3 +79,14 @@ def test_rows_of_another_gpu_are_kept_unless_replacing_is_asked(tmp_path, monkey
     replaced = json.loads(out.read_text())
     assert replaced["gpu"] == "cpu" and replaced["runs"] == [fake_run_one({"name": "before_small",
                                                                            "script": "before_small"}, None)]
+
+
+def test_only_rows_that_compile_warm_the_compile_cache_first():
+    """A row warms the compile cache when its script compiles and the row does not switch compile off."""
+    import benchmark
+
+    rows = {r["name"]: r for r in benchmark.GROUPS["main"]}
+    assert benchmark.compiles(rows["lightweight_small"]) and benchmark.compiles(rows["lightweight_small-16gib"])
+    assert not benchmark.compiles(rows["peer-run_clm"])  # --off compile
+    assert not benchmark.compiles(rows["lightweight_big"]) and not benchmark.compiles(rows["before_small"])
+    assert not benchmark.compiles(next(r for r in benchmark.GROUPS["ablation_small"] if r["ablation"] == "compile"))
