@@ -124,9 +124,11 @@ def build_parser(script: str, model: str, techniques: dict[str, Technique], size
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                    help="tokenizer, tokenized corpus and random-init checkpoints (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=100,
-                   help="save a checkpoint every N optimizer steps (0: only at the end); LoRA runs save adapters "
-                        "only (default: %(default)s)")
-    p.add_argument("--no-checkpoints", action="store_true", help="save no checkpoints (benchmarks)")
+                   help="save a checkpoint to resume from every N optimizer steps (0: none; Ctrl-C and SIGTERM "
+                        "still save one); LoRA runs save adapters only. The trained model is saved to --output-dir "
+                        "at the end (default: %(default)s)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="save nothing: no checkpoints, no final model (benchmarks)")
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="CUDA: profile optimizer steps 6 and 7 with torch.profiler into DIR (profile.md, trace.json.gz)")
     p.add_argument("--resume", action="store_true",

@@ -190,7 +190,9 @@ class Run:
             learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
             logging_steps=args.logging_steps, eval_strategy="steps",
             eval_steps=args.eval_every or math.ceil(total_steps / 4),
-            save_strategy="no" if args.no_checkpoints else "steps", save_steps=args.save_every or total_steps,
+            # checkpoints every --save-every steps (and on a stop signal); none at the end: see save_final_model
+            save_strategy="no" if args.no_checkpoints or not args.save_every else "steps",
+            save_steps=args.save_every or total_steps,
             save_total_limit=2, report_to="none",  # W&B: the run started by `train`, through its callback
             prediction_loss_only=True, use_cpu=not self.cuda, dataloader_pin_memory=self.cuda,
             disable_tqdm=False, remove_unused_columns=False,
@@ -212,7 +214,8 @@ class Run:
         import torch
 
         from harness.measure import MeasuringTrainer, flops_per_token, parameter_counts, peak_tflops
-        from harness.signals import StopOnSignal, restart_metrics, tied_embedding_not_reported_missing
+        from harness.signals import (StopOnSignal, no_checkpoint_at_the_end, restart_metrics,
+                                     tied_embedding_not_reported_missing)
         from harness.wandb_run import wandb_callback
 
         self.mark("model_and_micro_batch")  # the script's block: model load, quantization, probe, dataset
@@ -245,6 +248,7 @@ class Run:
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
+        self.trainer.add_callback(no_checkpoint_at_the_end(args.save_every))  # before the stopper's: see there
         stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
                                launched="TORCHELASTIC_RUN_ID" in os.environ)
         self.trainer.add_callback(stopper.callback())
@@ -259,7 +263,15 @@ class Run:
             result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
         if stopper.signum is not None:
             self.summary["interrupted"] = signal.Signals(stopper.signum).name
+        elif not args.no_checkpoints:
+            self.save_final_model()
         self.summarize_training(result.metrics["train_runtime"], tokens_before)
+
+    def save_final_model(self) -> None:
+        """The trained model in --output-dir, as `from_pretrained` loads it: weights and config (LoRA runs: the
+        adapters). Counted as save time, outside the Trainer's train_runtime."""
+        with self.trainer._paused("save"):  # MeasuringTrainer's own pause: evaluation and saving time
+            self.trainer.save_model()
 
     def summarize_training(self, train_seconds: float, tokens_before: int) -> None:
         trainer = self.trainer

@@ -24,9 +24,11 @@ steady)
     python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 8 --output-dir /tmp/prof-big \
       --profile $OUT/profile-lightweight_big"
   wait ;;
-jobs)
-  on_gpu 0 jobs_small python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
-    --out "$OUT/jobs_small.json" --workdir /tmp/jobs0
+jobs)  # GPU 0, after its jobs: the GPU tests, and an out-of-memory run's line (it names the micro-batch that fits)
+  on_gpu 0 jobs_small bash -c "python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
+    --out $OUT/jobs_small.json --workdir /tmp/jobs0; python -m pytest -q tests/test_models.py -k 'fused or padded';
+    python lightweight_small.py --init random --wandb off --no-checkpoints --max-steps 2 --micro-batch 32 \
+      --gpu-memory-gib 16 --output-dir /tmp/oom16; echo exit \$?"
   on_gpu 1 jobs_big python benchmark.py --only job --runs job-before_big --out "$OUT/jobs_big.json" --workdir /tmp/jobs1
   wait ;;
 alone)  # the compared steady rows on GPU 0 with nothing beside them (call 20): the host's CPUs are not shared
@@ -54,6 +56,9 @@ leads)  # session 6's leads on GPU 0 alone (results/NOTES.md, call 21): the smal
   done ;;
 scale)
   python benchmark.py --only scale --out "$OUT/scale.json" --workdir /tmp/scale >"$OUT/scale.log" 2>&1
+  # README's command as written (the default job on 2 GPUs); then before_big's FSDP memory and smallest budget
+  torchrun --nproc_per_node 2 lightweight_small.py >"$OUT/readme_torchrun.log" 2>&1; echo "exit $?" >>"$OUT/readme_torchrun.log"
+  [ "${FSDP_BUDGET:-yes}" = yes ] || exit 0  # FSDP_BUDGET=no: skip the memory breakdown and the budget search
   FSDP="python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2"
   ARGS="--init random --wandb off --no-checkpoints --micro-batch 1 --tokens-per-step 4096"
   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 $FSDP scripts/memory_breakdown.py "$OUT/fsdp-memory" -- before_big.py $ARGS \
