@@ -245,9 +245,10 @@ def test_no_hub_and_unknown_architecture_says_what_to_do(tmp_path, cache_dir, ca
 
 def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path, cache_dir, capsys):
     out = tmp_path / "out"
-    argv = [*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir", str(cache_dir), "--wandb", "off"]
+    argv = [*TINY, "--max-steps", "2", "--save-every", "1", "--output-dir", str(out), "--cache-dir", str(cache_dir),
+            "--wandb", "off"]
     lightweight_small.main(argv)
-    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()  # on --save-every's steps, the last one too
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(SystemExit) as e:
         lightweight_small.main(argv)
