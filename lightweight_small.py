@@ -22,6 +22,9 @@ TECHNIQUES = {
     "compile": Technique("torch.compile of each decoder layer (compiled once, reused by all 24)", cuda_only=True),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
+    # off by default until a benchmark call measures it (one run: steps 6-10 at 186k instead of 135k; NOTES.md)
+    "gc_between_steps": Technique("Python's garbage collector paused during training and run every 50 steps, "
+                                  "between steps: a full collection stalled a step", default=False),
 }
 
 
@@ -64,7 +67,12 @@ def main(argv=None):
             tf32=on("tf32"),
             optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
             **run.shared_training_arguments(train_set, micro_batch))
-        run.train(model, training_args, train_set, one_batch_shape=on("compile"))  # compile: no recompilation
+        callbacks = []
+        if on("gc_between_steps"):  # no collection of the whole heap inside a step (harness/garbage.py)
+            from harness.garbage import CollectBetweenSteps
+            callbacks.append(CollectBetweenSteps(every=50))
+        run.train(model, training_args, train_set, one_batch_shape=on("compile"),  # compile: no recompilation
+                  callbacks=callbacks)
     return run.summary
 
 

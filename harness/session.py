@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -203,13 +204,13 @@ class Run:
             accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if fsdp_launch() else None,
         )
 
-    def train(self, model, training_args, train_set, one_batch_shape: bool = False) -> None:
+    def train(self, model, training_args, train_set, one_batch_shape: bool = False, callbacks=()) -> None:
         """Start W&B, train with the measuring Trainer, and record the results in the summary.
 
         one_batch_shape: fill an epoch's last, shorter micro-batch (and evaluation's) with rows that carry no loss
         (common.causal_lm_collator), so that compiled code and kernels tuned per shape see one shape. One process only:
         with several, accelerate already completes the last training batch (`even_batches`, with rows from the
-        epoch's start) and evaluation goes one block at a time.
+        epoch's start) and evaluation goes one block at a time. callbacks: the script's own TrainerCallbacks.
         """
         import torch
 
@@ -248,6 +249,8 @@ class Run:
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
+        for callback in callbacks:
+            self.trainer.add_callback(callback)
         self.trainer.add_callback(no_checkpoint_at_the_end(args.save_every))  # before the stopper's: see there
         stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
                                launched="TORCHELASTIC_RUN_ID" in os.environ)
@@ -259,8 +262,11 @@ class Run:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.mark("trainer")
         self.train_started = self.setup_marks["trainer"]
-        with stopper, tied_embedding_not_reported_missing(model):
-            result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
+        try:
+            with stopper, tied_embedding_not_reported_missing(model):
+                result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
+        finally:
+            gc.enable()  # a callback may have paused Python's collector (harness.garbage); a failed run resumes it
         if stopper.signum is not None:
             self.summary["interrupted"] = signal.Signals(stopper.signum).name
         elif not args.no_checkpoints:
