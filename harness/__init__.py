@@ -8,7 +8,8 @@
 - measure: the Trainer that measures tokens/s, memory and MFU; metrics.jsonl
 - wandb_run: the W&B run
 - budget: the GPU memory budget, the micro-batch probe and the out-of-memory report
-- signals: Ctrl-C / SIGTERM, checkpoints to resume from
+- signals: Ctrl-C / SIGTERM, checkpoints to resume from, no resumable checkpoint at the end
+- garbage: Python's garbage collector between optimizer steps (lightweight_small's gc_between_steps)
 """
 from harness.cli import Technique
 from harness.session import session
