@@ -97,7 +97,7 @@ def read_curves(output_dir: Path) -> dict:
             "eval_time": [[r["job_seconds"], r["eval_loss"]] for r in rows if "eval_loss" in r and "job_seconds" in r]}
 
 
-def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
+def run_one(spec: dict, workdir: Path, smoke: bool = False, warm: bool = True) -> dict:
     """Run one script in a fresh Python process; return its benchmark row (oom rows included).
 
     A process per run, because runs in one process were seen to leak into each other: TF32 left on
@@ -106,7 +106,7 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
     out = workdir / spec["name"]
     (out / "summary.json").unlink(missing_ok=True)  # a run that dies early must not report an older summary
     argv = ["--init", "random", "--wandb", "off", "--no-checkpoints", "--output-dir", str(out), *spec["argv"], *(SMOKE_ARGV if smoke else [])]
-    if compiles(spec) and not smoke:
+    if warm and compiles(spec) and not smoke:  # warm: the steady rows (a memory sweep's trial needs no warm-up)
         warm_the_compile_cache(spec, argv)
     print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
     code = subprocess.run([*benchmark_scale.launch_command(spec), *argv], cwd=REPO).returncode
@@ -148,7 +148,8 @@ def sweep(script: str, workdir: Path, save) -> None:
     """Smallest --gpu-memory-gib (0.5 GiB steps) at which `script` trains SWEEP_STEPS steps."""
     def trial(budget):
         row = run_one(dict(name=f"{script}-sweep-{budget:g}gib", script=script,
-                           argv=["--max-steps", str(SWEEP_STEPS), "--gpu-memory-gib", f"{budget:g}"]), workdir)
+                           argv=["--max-steps", str(SWEEP_STEPS), "--gpu-memory-gib", f"{budget:g}"]), workdir,
+                      warm=False)
         row["sweep"] = True
         save(row)
         return row["error"] is None and not row["oom"]

@@ -211,6 +211,7 @@ class Run:
         (common.causal_lm_collator), so that compiled code and kernels tuned per shape see one shape. One process only:
         with several, accelerate already completes the last training batch (`even_batches`, with rows from the
         epoch's start) and evaluation goes one block at a time. callbacks: the script's own TrainerCallbacks.
+        A run that trained every step ends by saving the trained model (`save_final_model`), unless --no-checkpoints.
         """
         import torch
 
@@ -265,12 +266,15 @@ class Run:
         try:
             with stopper, tied_embedding_not_reported_missing(model):
                 result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
+                # finished: every step trained (the same on every process). A signal that came after the last
+                # step changes nothing: the model is saved, here where a signal waits for the save to end.
+                finished = self.trainer.state.global_step >= self.trainer.state.max_steps
+                if finished and not args.no_checkpoints:
+                    self.save_final_model()
         finally:
             gc.enable()  # a callback may have paused Python's collector (harness.garbage); a failed run resumes it
-        if stopper.signum is not None:
+        if stopper.signum is not None and not finished:
             self.summary["interrupted"] = signal.Signals(stopper.signum).name
-        elif not args.no_checkpoints:
-            self.save_final_model()
         self.summarize_training(result.metrics["train_runtime"], tokens_before)
 
     def save_final_model(self) -> None:

@@ -4,7 +4,9 @@
 #                                          # settings, a profile of lightweight_big
 #   bash scripts/gpu_calls.sh alone OUT    # the compared steady rows on one GPU, nothing beside them
 #   bash scripts/gpu_calls.sh jobs OUT     # each script's default job, cold then warm (GPU 1: before_big)
-#   bash scripts/gpu_calls.sh scale OUT    # 1 vs 2 processes, and before_big under FSDP: memory, smallest budget
+#   bash scripts/gpu_calls.sh scale OUT    # 1 vs 2 processes, README's torchrun command, and before_big under FSDP:
+#                                          # memory, smallest budget (FSDP_BUDGET=no skips these two)
+#   bash scripts/gpu_calls.sh leads OUT    # session 6's exploratory runs (call 21)
 # Each writes its JSON, logs and summaries under OUT; merge with `python benchmark.py --merge OUT/*.json`.
 set -u
 CALL=$1; OUT=$2; mkdir -p "$OUT"

@@ -263,3 +263,24 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, cache_dir, capsys):
     lightweight_small.main(argv)
     (out / "checkpoint-4" / "trainer_state.json").unlink()  # as if killed while saving
     assert Path(find_checkpoint(out, resume=True)).name == "checkpoint-2"
+
+
+def test_a_signal_after_the_last_step_still_saves_the_model(tmp_path, cache_dir, monkeypatch):
+    """Ctrl-C during the final evaluation, after every step has trained: the run ends as finished (no resume
+    hint, no "interrupted"), with the trained model saved, instead of losing both model and checkpoint."""
+    from harness.measure import MeasuringTrainer
+
+    evaluate = MeasuringTrainer.evaluate
+
+    def evaluate_then_ctrl_c(self, *a, **kw):
+        result = evaluate(self, *a, **kw)
+        if self.state.global_step >= self.state.max_steps:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by the run's stopper, which defers it
+        return result
+
+    monkeypatch.setattr(MeasuringTrainer, "evaluate", evaluate_then_ctrl_c)
+    out = tmp_path / "out"
+    summary = lightweight_small.main([*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir",
+                                      str(cache_dir), "--wandb", "off"])
+    assert summary["steps"] == 2 and "interrupted" not in summary
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
