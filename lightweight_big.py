@@ -10,8 +10,8 @@ from harness import Technique, session
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
 SIZES = dict(micro_batch=32,           # one micro-batch per step: its host work (peft, bitsandbytes, recompute) is
-             seq_len=1024,             # paid once, not twice (40.8k vs 38.4k tokens/s, 7.1 vs 4.1 GiB; NOTES.md,
-             tokens_per_step=32768)    # call 21); auto_micro_batch halves it until a step fits the GPU or budget
+             seq_len=1024,             # paid once, not twice (40.8k tokens/s in 7.1 GiB, call 21; two of 16: 38.4k
+             tokens_per_step=32768)    # in 4.1 GiB, call 20); auto_micro_batch halves it to fit the GPU or budget
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]  # every attention and MLP projection
 TECHNIQUES = {
@@ -126,7 +126,7 @@ def main(argv=None):
             tf32=on("tf32"), optim=optim,
             **run.shared_training_arguments(train_set, micro_batch))
         # one shape: an epoch's short last micro-batch ran at 29k tokens/s against 43k, more than its fewer rows
-        # explain; the suspects are kernels tuned or compiled per shape (liger's Triton, cuBLAS; NOTES.md, call 21)
+        # explain (call 21); filled to the micro-batch's shape it ran at 41k (call 22; NOTES.md)
         run.train(model, training_args, train_set, one_batch_shape=True)
     return run.summary
 
