@@ -27,7 +27,7 @@ from pathlib import Path
 import benchmark_jobs
 import benchmark_scale
 import lightweight_big
-from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO
+from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO, parse_args
 
 RESULTS = REPO / "results"
 SMOKE_OUT = REPO / "runs" / "benchmark" / "smoke.json"  # never the committed results
@@ -129,9 +129,11 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False, warm: bool = True) -
 
 def compiles(spec: dict) -> bool:
     """Whether the row's run uses torch.compile (its script's `compile` technique, not switched off)."""
-    techniques = getattr(importlib.import_module(spec["script"]), "TECHNIQUES", {})  # before_*: none
-    switched_off = {spec["argv"][i + 1] for i, a in enumerate(spec["argv"][:-1]) if a == "--off"}
-    return "compile" in techniques and techniques["compile"].default and "compile" not in switched_off
+    script = importlib.import_module(spec["script"])
+    if "compile" not in getattr(script, "TECHNIQUES", {}):  # before_*: no techniques
+        return False
+    _, on = parse_args(spec["script"], script.MODEL, script.TECHNIQUES, script.SIZES, spec["argv"])  # the script's own
+    return on.chosen["compile"]
 
 
 def warm_the_compile_cache(spec: dict, argv: list) -> None:
