@@ -40,7 +40,8 @@ REFERENCE_QLORA = lightweight_big.REFERENCE_QLORA
 
 # What a user would run instead of lightweight_small: transformers' run_clm with its speed flags (--bf16 --tf32
 # --optim adamw_torch_fused, SDPA, 16 x 1024, group_texts packing) and nothing else.
-PEER_RUN_CLM = ["--off", "fused_ce", "--off", "compile", "--off", "auto_micro_batch", "--micro-batch", "16"]
+PEER_RUN_CLM = ["--off", "fused_ce", "--off", "compile", "--off", "auto_micro_batch", "--off", "gc_paused",
+                "--micro-batch", "16"]
 
 SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
 SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]

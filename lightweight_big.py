@@ -5,6 +5,8 @@
 The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py), which the benchmark compares with, is
 this script with its own techniques switched: `python lightweight_big.py` followed by REFERENCE_QLORA below.
 """
+import gc
+
 from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
@@ -36,6 +38,9 @@ TECHNIQUES = {
                            "masked out of the loss: aligned matmuls instead of cuBLAS's slow unaligned kernels"),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
+    "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
+                           "training, setup's objects frozen and the new ones collected every 50 steps, between steps",
+                           at_start=gc.disable),
     # off by default: the QLoRA reference's own choices
     "kbit_prep": Technique("peft's prepare_model_for_kbit_training: norms and embeddings in fp32", default=False,
                            needs=("lora",)),
@@ -44,7 +49,7 @@ TECHNIQUES = {
 }
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
-                   "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch",
+                   "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch", "--off", "gc_paused",
                    "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
 
 
@@ -127,7 +132,11 @@ def main(argv=None):
             **run.shared_training_arguments(train_set, micro_batch))
         # one shape: an epoch's short last micro-batch ran at 29k tokens/s against 43k, more than its fewer rows
         # explain (call 21); filled to the micro-batch's shape it ran at 41k (call 22; NOTES.md)
-        run.train(model, training_args, train_set, one_batch_shape=True)
+        callbacks = []
+        if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
+            from harness.garbage import CollectBetweenSteps
+            callbacks.append(CollectBetweenSteps(every=50))
+        run.train(model, training_args, train_set, one_batch_shape=True, callbacks=callbacks)
     return run.summary
 
 

@@ -5,6 +5,8 @@ is one guarded block below; `--off NAME` switches one off (the ablation).
 
     python lightweight_small.py --help
 """
+import gc
+
 from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
@@ -22,9 +24,9 @@ TECHNIQUES = {
     "compile": Technique("torch.compile of each decoder layer (compiled once, reused by all 24)", cuda_only=True),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
-    # off by default until a benchmark call measures it (one run: steps 6-10 at 186k instead of 135k; NOTES.md)
-    "gc_between_steps": Technique("Python's garbage collector paused during training and run every 50 steps, "
-                                  "between steps: a full collection stalled a step", default=False),
+    "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
+                           "training, setup's objects frozen and the new ones collected every 50 steps, between steps",
+                           at_start=gc.disable),
 }
 
 
@@ -68,7 +70,7 @@ def main(argv=None):
             optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
             **run.shared_training_arguments(train_set, micro_batch))
         callbacks = []
-        if on("gc_between_steps"):  # no collection of the whole heap inside a step (harness/garbage.py)
+        if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
             from harness.garbage import CollectBetweenSteps
             callbacks.append(CollectBetweenSteps(every=50))
         run.train(model, training_args, train_set, one_batch_shape=on("compile"),  # compile: no recompilation

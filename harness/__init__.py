@@ -9,7 +9,7 @@
 - wandb_run: the W&B run
 - budget: the GPU memory budget, the micro-batch probe and the out-of-memory report
 - signals: Ctrl-C / SIGTERM, checkpoints to resume from, no resumable checkpoint at the end
-- garbage: Python's garbage collector between optimizer steps (lightweight_small's gc_between_steps)
+- garbage: Python's garbage collector between optimizer steps (the lightweight scripts' gc_paused)
 """
 from harness.cli import Technique
 from harness.session import session

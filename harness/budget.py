@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,8 +34,9 @@ def apply_memory_budget(gib: float | None) -> None:
     """
     if not torch.cuda.is_available():
         return
-    gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.memory_reserved():  # what a random init built on the GPU, or an earlier run in this process, left
+        gc.collect()
+        torch.cuda.empty_cache()
     if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         # the runtime form of PYTORCH_CUDA_ALLOC_CONF; it applies to segments allocated from now on
         setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
@@ -111,13 +114,16 @@ def check_cpu_memory(script: str, model_id: str, config, frozen_base: bool, proc
 
 
 def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, optim: str, autocast_dtype,
-                       device) -> int:
+                       device, known_peaks: dict[int, int] | None = None) -> int:
     """The largest micro-batch (halving from `largest`) whose forward and backward fit the budget.
 
     Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
     Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
     autocast_dtype: the dtype the training step autocasts to (None: no autocast).
+    known_peaks: trial peaks (bytes by micro-batch) measured before, for this recipe on this GPU; a micro-batch
+    found there is not tried again, and each new trial's peak is added to it.
     """
+    known_peaks = {} if known_peaks is None else known_peaks
     estimate = state_memory_estimate_gib(model, optim)["optimizer states"]
     headroom = 0.9 * budget_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
 
@@ -135,9 +141,15 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
     micro = largest
     while True:
+        if micro in known_peaks:
+            if known_peaks[micro] <= headroom or micro == 1:
+                return micro
+            micro //= 2
+            continue
         torch.cuda.reset_peak_memory_stats()
         try:
-            if trial_peak(micro) <= headroom or micro == 1:
+            known_peaks[micro] = trial_peak(micro)
+            if known_peaks[micro] <= headroom or micro == 1:
                 return micro
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -148,6 +160,29 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         micro //= 2
+
+
+def load_trial_peaks(path: Path, recipe: str) -> dict[int, int]:
+    """The trial peaks (bytes by micro-batch) an earlier run of `recipe` (a hash of what the peak depends on)
+    measured, from the JSON file at `path`; none if the file is missing or unreadable."""
+    try:
+        return {int(micro): int(peak) for micro, peak in json.loads(path.read_text()).get(recipe, {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def save_trial_peaks(path: Path, recipe: str, peaks: dict[int, int]) -> None:
+    """Add `recipe`'s trial peaks to the file at `path`; written whole and renamed, since the processes of a
+    launch may write at once."""
+    try:
+        remembered = json.loads(path.read_text())
+    except (OSError, ValueError):
+        remembered = {}
+    remembered[recipe] = {str(micro): peak for micro, peak in sorted(peaks.items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(remembered, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,

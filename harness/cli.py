@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightweight-finetune"
@@ -30,6 +31,7 @@ class Technique:
     default: bool = True
     cuda_only: bool = False  # on the CPU it is skipped, and the run's record says so
     needs: tuple[str, ...] = ()  # techniques it cannot work without
+    at_start: Callable[[], object] | None = None  # run as soon as the command line is read, before torch is imported
 
 
 REFUSAL_WAIT_SECONDS = 30

@@ -32,28 +32,45 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     """Yield a `Run` for `script` (defaults: `model`, `sizes`) as the command line `argv` asks."""
     startup_seconds = seconds_since_process_start()  # interpreter, imports
     args, on = parse_args(script, model, techniques, sizes, argv)
-    try:
-        run = Run(script, model, args, on)
-    except InputError as e:
-        refuse(f"{script}: error: {e}")  # exit 2; under torchrun printed by the first process only
-    except KeyboardInterrupt:
-        interrupted(script)
-    failure = None
-    try:
-        run.load_weights()
-        yield run
-    except KeyboardInterrupt:
-        interrupted(script)
-    except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
-        failure = e
-    try:
-        run.finish(failure, startup_seconds, argv)
-    except SystemExit as e:  # out of memory (3) or stopped by a signal
-        if argv is None:
-            end_the_process(e.code)
-        raise
+    with collector_as_it_was():  # an at_start may pause Python's garbage collector (the lightweight scripts' gc_paused)
+        for name, technique in techniques.items():
+            if technique.at_start is not None and on(name):
+                technique.at_start()
+        try:
+            run = Run(script, model, args, on)
+        except InputError as e:
+            refuse(f"{script}: error: {e}")  # exit 2; under torchrun printed by the first process only
+        except KeyboardInterrupt:
+            interrupted(script)
+        failure = None
+        try:
+            run.load_weights()
+            yield run
+        except KeyboardInterrupt:
+            interrupted(script)
+        except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
+            failure = e
+        try:
+            run.finish(failure, startup_seconds, argv)
+        except SystemExit as e:  # out of memory (3) or stopped by a signal
+            if argv is None:
+                end_the_process(e.code)
+            raise
     if argv is None:  # the script's own process (`python lightweight_small.py`); main(argv) returns to its caller
         end_the_process(0)
+
+
+@contextlib.contextmanager
+def collector_as_it_was():
+    """Python's garbage collector on (or off) and unfrozen afterwards as before: for a caller of main(argv) in
+    the same process (the tests run many), whatever a run did to it."""
+    enabled = gc.isenabled()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def half_precision_dtype(cuda: bool):
@@ -165,19 +182,33 @@ class Run:
     def largest_micro_batch(self, model, optim: str, autocast: bool) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
         free memory or --gpu-memory-gib (the smallest over the processes of a launch)."""
-        from harness.budget import available_gib, choose_micro_batch
+        import torch
+
+        from harness.budget import available_gib, choose_micro_batch, load_trial_peaks, save_trial_peaks
 
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:
             self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "default (no GPU)"
             return args.micro_batch
         budget = args.gpu_memory_gib or available_gib()
-        micro_batch = choose_micro_batch(model, args.micro_batch, args.seq_len, budget, optim,
-                                         self.bf16_or_fp16 if autocast else None, self.device)
+        autocast_dtype = self.bf16_or_fp16 if autocast else None
+        # a trial step's peak is the same on every run of this recipe on this GPU: remembered in --cache-dir, a
+        # later run skips the trials it already made (lightweight_small's probe took about 1.8 s of its job)
+        peaks_file = Path(args.cache_dir) / "micro_batch_trial_peaks.json"
+        recipe = common.content_hash(  # what a trial's peak depends on
+            self.script, self.on.names_on(), self.config.to_json_string(), args.seq_len,
+            getattr(args, "checkpoint_layers", None), optim, autocast_dtype, torch.cuda.get_device_name(self.device),
+            torch.__version__)
+        peaks = load_trial_peaks(peaks_file, recipe)
+        remembered = set(peaks)
+        micro_batch = choose_micro_batch(model, args.micro_batch, args.seq_len, budget, optim, autocast_dtype,
+                                         self.device, known_peaks=peaks)
+        save_trial_peaks(peaks_file, recipe, peaks)
         if self.world_size > 1:
             micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
-        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}"
+        how = f"trial peaks remembered in {peaks_file}" if micro_batch in remembered else "a trial step"
+        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch} ({how})"
         return micro_batch
 
     def shared_training_arguments(self, train_set, micro_batch: int) -> dict:
@@ -263,16 +294,13 @@ class Run:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.mark("trainer")
         self.train_started = self.setup_marks["trainer"]
-        try:
-            with stopper, tied_embedding_not_reported_missing(model):
-                result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
-                # finished: every step trained (the same on every process). A signal that came after the last
-                # step changes nothing: the model is saved, here where a signal waits for the save to end.
-                finished = self.trainer.state.global_step >= self.trainer.state.max_steps
-                if finished and not args.no_checkpoints:
-                    self.save_final_model()
-        finally:
-            gc.enable()  # a callback may have paused Python's collector (harness.garbage); a failed run resumes it
+        with stopper, tied_embedding_not_reported_missing(model):
+            result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
+            # finished: every step trained (the same on every process). A signal that came after the last
+            # step changes nothing: the model is saved, here where a signal waits for the save to end.
+            finished = self.trainer.state.global_step >= self.trainer.state.max_steps
+            if finished and not args.no_checkpoints:
+                self.save_final_model()
         if stopper.signum is not None and not finished:
             self.summary["interrupted"] = signal.Signals(stopper.signum).name
         self.summarize_training(result.metrics["train_runtime"], tokens_before)

@@ -2,8 +2,10 @@
 # The device calls behind results/ for issues 11, 13 and 16 (2 x H200, one command each; see results/NOTES.md).
 #   bash scripts/gpu_calls.sh steady OUT   # GPU 0: main rows with the peer; GPU 1: GPU loss tests, the 8 GiB
 #                                          # settings, a profile of lightweight_big
-#   bash scripts/gpu_calls.sh alone OUT    # the compared steady rows on one GPU, nothing beside them
-#   bash scripts/gpu_calls.sh jobs OUT     # each script's default job, cold then warm (GPU 1: before_big)
+#   bash scripts/gpu_calls.sh alone OUT    # the compared steady rows on one GPU, nothing beside them; gc_paused
+#                                          # off and on at the main row's settings
+#   bash scripts/gpu_calls.sh jobs OUT     # each script's default job, cold then warm (GPU 1: before_big); the
+#                                          # small job with gc_paused off
 #   bash scripts/gpu_calls.sh scale OUT    # 1 vs 2 processes, README's torchrun command, and before_big under FSDP:
 #                                          # memory, smallest budget (FSDP_BUDGET=no skips these two)
 #   bash scripts/gpu_calls.sh leads OUT    # session 6's exploratory runs (call 21)
@@ -32,11 +34,31 @@ jobs)  # GPU 0, after its jobs: the GPU tests, and an out-of-memory run's line (
     python lightweight_small.py --init random --wandb off --no-checkpoints --max-steps 2 --micro-batch 32 \
       --gpu-memory-gib 16 --output-dir /tmp/oom16; echo exit \$?"
   on_gpu 1 jobs_big python benchmark.py --only job --runs job-before_big --out "$OUT/jobs_big.json" --workdir /tmp/jobs1
-  wait ;;
+  wait
+  # gc_paused's share of the small job: the warm job again with it off, twice (the first remembers its own trial
+  # peaks, since the recipe changed), wall clock from outside as benchmark_jobs.py takes it
+  C=/tmp/jobs0/job-cache-lightweight_small
+  for i in 1 2; do
+    s=$(date +%s.%N)
+    CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=$C/inductor TRITON_CACHE_DIR=$C/triton python lightweight_small.py \
+      --init random --off gc_paused --output-dir /tmp/job-nogc --cache-dir $C >"$OUT/job_nogc_$i.log" 2>&1
+    echo "job lightweight_small --off gc_paused, run $i: exit $? in $(python -c "print(round($(date +%s.%N) - $s, 2))") s" \
+      | tee -a "$OUT/job_nogc.txt"
+    cp /tmp/job-nogc/summary.json "$OUT/job_nogc_${i}_summary.json"
+  done ;;
 alone)  # the compared steady rows on GPU 0 with nothing beside them (call 20): the host's CPUs are not shared
   CUDA_VISIBLE_DEVICES=0 python benchmark.py --only main,fast8 --runs \
     lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt24,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
-    --out "$OUT/alone.json" --workdir /tmp/alone >"$OUT/alone.log" 2>&1 ;;
+    --out "$OUT/alone.json" --workdir /tmp/alone >"$OUT/alone.log" 2>&1
+  # gc_paused at the main row's settings, off then on, each after the same warm-up run (NOTES.md, session 7)
+  Q="--init random --wandb off --no-checkpoints --max-steps 30 --logging-steps 5"
+  for gc in off on; do
+    sw=(); [ $gc = off ] && sw=(--off gc_paused)
+    CUDA_VISIBLE_DEVICES=0 python lightweight_small.py $Q --max-steps 2 --eval-every 1 "${sw[@]}" --output-dir /tmp/w \
+      >/dev/null 2>&1
+    CUDA_VISIBLE_DEVICES=0 python lightweight_small.py $Q "${sw[@]}" --output-dir "/tmp/gc-$gc" >"$OUT/gc_$gc.log" 2>&1
+    cp "/tmp/gc-$gc/summary.json" "$OUT/gc_${gc}_summary.json"; cp "/tmp/gc-$gc/metrics.jsonl" "$OUT/gc_${gc}_metrics.jsonl"
+  done ;;
 leads)  # session 6's leads on GPU 0 alone (results/NOTES.md, call 21): the small job's setup parts; lightweight_big at
   # one micro-batch of 32 per step, uncapped and under 8 GiB; lightweight_small's slow window without the first eval
   export CUDA_VISIBLE_DEVICES=0

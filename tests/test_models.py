@@ -255,10 +255,34 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+    peaks = {}
     assert budget.choose_micro_batch(model, largest=16, seq_len=64, budget_gib=1, optim="paged_adamw_8bit",
-                                     autocast_dtype=None, device=torch.device("cpu")) == 2
+                                     autocast_dtype=None, device=torch.device("cpu"), known_peaks=peaks) == 2
     assert tried == [16, 8, 4, 2]
     assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind
+    assert peaks == {4: 0.95 * budget.GIB, 2: 0.5 * budget.GIB}  # the trials that ran out are not remembered
+
+    tried.clear()  # a later run with the remembered peaks: only the trials that ran out are made again
+    assert budget.choose_micro_batch(model, largest=16, seq_len=64, budget_gib=1, optim="paged_adamw_8bit",
+                                     autocast_dtype=None, device=torch.device("cpu"), known_peaks=peaks) == 2
+    assert tried == [16, 8]
+    tried.clear()  # a larger budget: the remembered peak of 4 fits it, with no trial of 4
+    assert budget.choose_micro_batch(model, largest=4, seq_len=64, budget_gib=1.1, optim="paged_adamw_8bit",
+                                     autocast_dtype=None, device=torch.device("cpu"), known_peaks=peaks) == 4
+    assert tried == []
+
+
+def test_trial_peaks_are_remembered_per_recipe(tmp_path):
+    path = tmp_path / "cache" / "micro_batch_trial_peaks.json"
+    assert budget.load_trial_peaks(path, "recipe-a") == {}  # no file yet
+    budget.save_trial_peaks(path, "recipe-a", {32: 27 * budget.GIB, 16: 15 * budget.GIB})
+    budget.save_trial_peaks(path, "recipe-b", {8: budget.GIB})
+    assert budget.load_trial_peaks(path, "recipe-a") == {32: 27 * budget.GIB, 16: 15 * budget.GIB}
+    assert budget.load_trial_peaks(path, "recipe-b") == {8: budget.GIB}
+    assert budget.load_trial_peaks(path, "recipe-c") == {}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left behind
+    path.write_text("{not json")
+    assert budget.load_trial_peaks(path, "recipe-a") == {}  # unreadable: the trials run again
 
 
 def test_checkpoint_layers_checkpoints_only_the_first_blocks(cache_dir):
