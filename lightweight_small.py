@@ -21,7 +21,8 @@ TECHNIQUES = {
     "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
     "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
     "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
-    "compile": Technique("torch.compile of each decoder layer (compiled once, reused by all 24)", cuda_only=True),
+    "compile": Technique("torch.compile of each decoder layer (compiled once, reused by all 24; evaluation runs "
+                         "them uncompiled)", cuda_only=True),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
     "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
@@ -73,8 +74,10 @@ def main(argv=None):
         if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
             from harness.garbage import CollectBetweenSteps
             callbacks.append(CollectBetweenSteps(every=50))
-        run.train(model, training_args, train_set, one_batch_shape=on("compile"),  # compile: no recompilation
-                  callbacks=callbacks)
+        run.train(model, training_args, train_set, one_batch_shape=on("compile"),  # compile: no recompilation,
+                  # and evaluation uncompiled: its own graphs took 0.7-1.1 s to load at the first evaluation, where
+                  # an evaluation takes 0.04 s (NOTES.md, call 29)
+                  evaluate_eagerly=on("compile"), callbacks=callbacks)
     return run.summary
 
 

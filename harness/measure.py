@@ -86,8 +86,9 @@ class MeasuringTrainer(Trainer):
     evaluation and checkpoint-saving time excluded; step_seconds is that time per optimizer step.
     """
 
-    def __init__(self, *a, flops_per_token=None, peak_tflops=None, metrics_path=None, **kw):
+    def __init__(self, *a, flops_per_token=None, peak_tflops=None, metrics_path=None, evaluate_eagerly=False, **kw):
         super().__init__(*a, **kw)
+        self.evaluate_eagerly = evaluate_eagerly  # compiled code runs uncompiled in evaluation
         self.model_accepts_loss_kwargs = True  # our forward divides by the tokens of the whole accumulated step
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
@@ -132,7 +133,8 @@ class MeasuringTrainer(Trainer):
             self.seconds_in[part] += seconds
 
     def evaluate(self, *a, **kw):
-        with self._paused("eval"):
+        eager = torch.compiler.set_stance("force_eager") if self.evaluate_eagerly else contextlib.nullcontext()
+        with self._paused("eval"), eager:
             return super().evaluate(*a, **kw)
 
     def _save_checkpoint(self, *a, **kw):  # private, but no callback runs before a save (on_save runs after)

@@ -235,13 +235,16 @@ class Run:
             accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if fsdp_launch() else None,
         )
 
-    def train(self, model, training_args, train_set, one_batch_shape: bool = False, callbacks=()) -> None:
+    def train(self, model, training_args, train_set, one_batch_shape: bool = False, evaluate_eagerly: bool = False,
+              callbacks=()) -> None:
         """Start W&B, train with the measuring Trainer, and record the results in the summary.
 
         one_batch_shape: fill an epoch's last, shorter micro-batch (and evaluation's) with rows that carry no loss
         (common.causal_lm_collator), so that compiled code and kernels tuned per shape see one shape. One process only:
         with several, accelerate already completes the last training batch (`even_batches`, with rows from the
-        epoch's start) and evaluation goes one block at a time. callbacks: the script's own TrainerCallbacks.
+        epoch's start) and evaluation goes one block at a time. evaluate_eagerly: torch.compile'd code runs
+        uncompiled in evaluation (`torch.compiler.set_stance("force_eager")`). callbacks: the script's own
+        TrainerCallbacks.
         A run that trained every step ends by saving the trained model (`save_final_model`), unless --no-checkpoints.
         """
         import torch
@@ -276,7 +279,7 @@ class Run:
             if one_batch_shape and self.world_size == 1 else common.causal_lm_collator,
             callbacks=[wandb_callback()] if self.wandb_run is not None else None,
             flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
-            peak_tflops=peak, metrics_path=self.metrics_path)
+            peak_tflops=peak, metrics_path=self.metrics_path, evaluate_eagerly=evaluate_eagerly)
         self.trainer.tokens_trained = tokens_before
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
@@ -413,6 +416,7 @@ class Run:
             traceback.clear_frames(failure.__traceback__)  # the failed step's frames hold its activations
             self.trainer = None  # the optimizer states, and the accelerator's references to them
             self.model.zero_grad(set_to_none=True)
+            gc.unfreeze()  # gc_paused froze what existed at the first step, the Trainer too: frozen is never freed
             gc.collect()  # the Trainer and its callbacks reference each other
             torch.cuda.empty_cache()
             return choose_micro_batch(self.model, failed // 2, self.args.seq_len,

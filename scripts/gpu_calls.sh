@@ -9,6 +9,8 @@
 #   bash scripts/gpu_calls.sh scale OUT    # 1 vs 2 processes, README's torchrun command, and before_big under FSDP:
 #                                          # memory, smallest budget (FSDP_BUDGET=no skips these two)
 #   bash scripts/gpu_calls.sh leads OUT    # session 6's exploratory runs (call 21)
+#   bash scripts/gpu_calls.sh rows_and_jobs OUT  # session 7's last call (call 32): the four jobs, the small rows,
+#                                                # lightweight_big at 4 GiB with gc_paused off and on
 # Each writes its JSON, logs and summaries under OUT; merge with `python benchmark.py --merge OUT/*.json`.
 set -u
 CALL=$1; OUT=$2; mkdir -p "$OUT"
@@ -59,6 +61,16 @@ alone)  # the compared steady rows on GPU 0 with nothing beside them (call 20): 
     CUDA_VISIBLE_DEVICES=0 python lightweight_small.py $Q "${sw[@]}" --output-dir "/tmp/gc-$gc" >"$OUT/gc_$gc.log" 2>&1
     cp "/tmp/gc-$gc/summary.json" "$OUT/gc_${gc}_summary.json"; cp "/tmp/gc-$gc/metrics.jsonl" "$OUT/gc_${gc}_metrics.jsonl"
   done ;;
+rows_and_jobs)  # session 7's last call: GPU 1 before_big's job; GPU 0 the other three jobs, then the small model's
+  # compared rows, then lightweight_big under 4 GiB with gc_paused off and on (NOTES.md, call 32)
+  on_gpu 1 jobs_big python benchmark.py --only job --runs job-before_big --out "$OUT/jobs_big.json" --workdir /tmp/jobs1
+  on_gpu 0 gpu0 bash -c "python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
+    --out $OUT/jobs_small.json --workdir /tmp/jobs0; python benchmark.py --only main,fast8 --runs \
+    lightweight_small,peer-run_clm,lightweight_small-16gib --out $OUT/rows.json --workdir /tmp/rows
+    for gc in off on; do sw=''; [ \$gc = off ] && sw='--off gc_paused'
+      python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 4 \$sw \
+        --output-dir /tmp/big4-\$gc; cp /tmp/big4-\$gc/summary.json $OUT/big4_gc_\${gc}_summary.json; done"
+  wait ;;
 leads)  # session 6's leads on GPU 0 alone (results/NOTES.md, call 21): the small job's setup parts; lightweight_big at
   # one micro-batch of 32 per step, uncapped and under 8 GiB; lightweight_small's slow window without the first eval
   export CUDA_VISIBLE_DEVICES=0
@@ -97,5 +109,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|leads|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|leads|scale OUT" >&2; exit 2 ;;
 esac
