@@ -18,6 +18,10 @@ from harness.signals import find_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["--max-steps", "10", "--lr", "3e-3", "--eval-every", "10", "--save-every", "100"]
+# the signalled runs: the tiny model trains about 30 steps a second, so 10 steps could end between the poll that
+# saw step 3 and the signal (then the run finished, correctly, with exit 0); 40 leave a second to spare
+SIGNALLED = 40
+SIGNALLED_STEPS = ["--max-steps", str(SIGNALLED), "--lr", "3e-3", "--eval-every", str(SIGNALLED), "--save-every", "100"]
 
 
 def rows(out: Path) -> list[dict]:
@@ -31,7 +35,7 @@ def losses(out: Path) -> dict:
 
 
 def script_cmd(out, cache_dir, *extra):
-    return [sys.executable, str(REPO / "lightweight_small.py"), *TINY, *STEPS, "--output-dir", str(out),
+    return [sys.executable, str(REPO / "lightweight_small.py"), *TINY, *SIGNALLED_STEPS, "--output-dir", str(out),
             "--cache-dir", str(cache_dir), "--wandb", "offline", *extra]
 
 
@@ -44,7 +48,7 @@ def start_and_signal(cmd, out, signals, after_steps=3):
         metrics = out / "metrics.jsonl"
         if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= after_steps:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     seen = []
     for i, sig in enumerate(signals):
         proc.send_signal(sig)
@@ -60,7 +64,8 @@ def start_and_signal(cmd, out, signals, after_steps=3):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("straight") / "out"
-    lightweight_small.main([*TINY, *STEPS, "--output-dir", str(out), "--cache-dir", str(cache_dir), "--wandb", "off"])
+    lightweight_small.main([*TINY, *SIGNALLED_STEPS, "--output-dir", str(out), "--cache-dir", str(cache_dir),
+                            "--wandb", "off"])
     return losses(out)
 
 
@@ -71,7 +76,7 @@ def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, ca
     assert "Traceback" not in err
     assert "resume with: python lightweight_small.py" in err and err.rstrip().endswith("--resume")
     stopped_at = max(losses(out))
-    assert 3 <= stopped_at < 10
+    assert 3 <= stopped_at < SIGNALLED
     assert (out / f"checkpoint-{stopped_at}").is_dir()
     assert json.loads((out / "summary.json").read_text())["interrupted"] == "SIGINT"
     assert sum("train_runtime" in r for r in rows(out)) == 1  # the interrupted run's end-of-training row
@@ -83,15 +88,15 @@ def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, ca
     ends = [i for i, r in enumerate(rows(out)) if "train_runtime" in r]
     assert ends == [len(rows(out)) - 1]  # only the resumed run's, at the end
     combined = losses(out)
-    assert sorted(combined) == list(range(1, 11))
+    assert sorted(combined) == list(range(1, SIGNALLED + 1))
     for step, loss in uninterrupted.items():
         assert combined[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
-    assert uninterrupted[10] < uninterrupted[1] - 0.1  # the run really trained: the comparison means something
+    assert uninterrupted[SIGNALLED] < uninterrupted[1] - 0.1  # the run really trained: the comparison means something
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.split("-")[-1] for r in runs}) == 1  # the same W&B run id, resumed
     (sync,) = [line for line in resumed.stderr.splitlines() if "upload it with: wandb sync" in line]
     assert sync.split("wandb sync ")[1].split() == [str(r) for r in runs]  # both starts, oldest first
-    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert json.loads((out / "summary.json").read_text())["steps"] == SIGNALLED
 
 
 def test_sigterm_saves_and_exits_143(tmp_path, cache_dir):
