@@ -4,7 +4,8 @@ needs 2 GPUs).
 
     python benchmark.py                          # all groups (well over half an hour on an H200)
     python benchmark.py --only main,fast8        # some groups; --out names the JSON they are written to
-    python benchmark.py --only job               # each script's default job, cold and warm (benchmark_jobs.py)
+    python benchmark.py --only job               # each script's default job, cold and warm (benchmark_jobs.py;
+                                                 # --job-warm-runs 3: the median of three warm runs)
     python benchmark.py --merge a.json b.json    # merge partial runs into results/benchmark.json, then report
     python benchmark.py --report                 # results/benchmark.md and results/*.png from the JSON
     python benchmark.py --smoke                  # tiny models on the CPU: checks the machinery, writes runs/
@@ -304,6 +305,8 @@ def main(argv=None):
     p.add_argument("--workdir", default=str(REPO / "runs" / "benchmark"))
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these partial results into results/benchmark.json")
     p.add_argument("--report", action="store_true", help="only write results/benchmark.md and plots from the JSON")
+    p.add_argument("--job-warm-runs", type=int, default=1, metavar="N",
+                   help="job group: run each warm job N times and keep the median run (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, no budgets or sweep: tests the "
                    "machinery in a few minutes; writes runs/benchmark/smoke.json unless --out says otherwise")
     args = p.parse_args(argv)
@@ -344,7 +347,8 @@ def main(argv=None):
             if wanted is not None and name not in wanted:
                 continue
             if group == "job":
-                save(benchmark_jobs.job_row(spec, workdir, SMOKE_ARGV + ["--max-steps", "2"] if args.smoke else ()))
+                save(benchmark_jobs.job_row(spec, workdir, SMOKE_ARGV + ["--max-steps", "2"] if args.smoke else (),
+                                            warm_runs=args.job_warm_runs))
             elif group == "sweep":
                 if not args.smoke:
                     sweep(spec, workdir, save)

@@ -31,8 +31,10 @@ steady)
       --profile $OUT/profile-lightweight_big"
   wait ;;
 jobs)  # GPU 0, after its jobs: the GPU tests, and an out-of-memory run's line (it names the micro-batch that fits)
+  # GPU 0: each warm job three times, the median kept (--job-warm-runs 3; calls 23-32 ran it once); before_big once:
+  # its 173-177 s moved by 2% over calls 23, 30 and 32
   on_gpu 0 jobs_small bash -c "python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
-    --out $OUT/jobs_small.json --workdir /tmp/jobs0; python -m pytest -q tests/test_models.py -k 'fused or padded';
+    --job-warm-runs 3 --out $OUT/jobs_small.json --workdir /tmp/jobs0; python -m pytest -q tests/test_models.py -k 'fused or padded';
     python lightweight_small.py --init random --wandb off --no-checkpoints --max-steps 2 --micro-batch 32 \
       --gpu-memory-gib 16 --output-dir /tmp/oom16; echo exit \$?"
   on_gpu 1 jobs_big python benchmark.py --only job --runs job-before_big --out "$OUT/jobs_big.json" --workdir /tmp/jobs1
