@@ -56,17 +56,14 @@ def job_row(script: str, workdir: Path, argv=(), warm_runs: int = 1) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     cold_seconds, cold_code, _ = timed_job(script, out, cache, argv)
     warm = []
-    for i in range(warm_runs):
+    for _ in range(warm_runs):
         seconds, code, summary = timed_job(script, out, cache, argv)
-        curves = read_curves(out) if (out / "metrics.jsonl").exists() else None
-        warm.append((seconds, code, summary, curves))
-    warm_seconds = [run[0] for run in warm]
-    seconds, code, summary, curves = sorted(warm, key=lambda run: run[0])[warm_runs // 2]  # the median run
-    if any(run[1] != 0 for run in warm):
-        code = next(run[1] for run in warm if run[1] != 0)
+        warm.append((seconds, code, summary, read_curves(out) if (out / "metrics.jsonl").exists() else None))
+    seconds, _, summary, curves = sorted(warm, key=lambda run: run[0])[warm_runs // 2]  # the median run
+    code = next((run[1] for run in warm if run[1] != 0), 0)  # a failed warm run fails the row
     return {
         "name": f"job-{script}", "script": script, "job": True, "argv": list(argv),
-        "job_seconds": seconds, "job_seconds_warm_runs": warm_seconds, "job_seconds_cold": cold_seconds,
+        "job_seconds": seconds, "job_seconds_warm_runs": [run[0] for run in warm], "job_seconds_cold": cold_seconds,
         "job_seconds_inside": summary.get("job_seconds"),
         "parts": {part: summary.get(part) for part in PARTS}, "setup_parts": summary.get("setup_parts"),
         "steps": summary.get("steps"),

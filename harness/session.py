@@ -182,8 +182,6 @@ class Run:
     def largest_micro_batch(self, model, optim: str, autocast: bool) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
         free memory or --gpu-memory-gib (the smallest over the processes of a launch)."""
-        import torch
-
         from harness.budget import available_gib, choose_micro_batch, load_trial_peaks, save_trial_peaks
 
         args, self.optim = self.args, optim
@@ -195,10 +193,7 @@ class Run:
         # a trial step's peak is the same on every run of this recipe on this GPU: remembered in --cache-dir, a
         # later run skips the trials it already made (lightweight_small's probe took about 1.8 s of its job)
         peaks_file = Path(args.cache_dir) / "micro_batch_trial_peaks.json"
-        recipe = common.content_hash(  # what a trial's peak depends on
-            self.script, self.on.names_on(), self.config.to_json_string(), args.seq_len,
-            getattr(args, "checkpoint_layers", None), optim, autocast_dtype, torch.cuda.get_device_name(self.device),
-            torch.__version__)
+        recipe = self.trial_recipe(optim, autocast_dtype)
         peaks = load_trial_peaks(peaks_file, recipe)
         remembered = set(peaks)
         micro_batch = choose_micro_batch(model, args.micro_batch, args.seq_len, budget, optim, autocast_dtype,
@@ -207,9 +202,18 @@ class Run:
         if self.world_size > 1:
             micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
-        how = f"trial peaks remembered in {peaks_file}" if micro_batch in remembered else "a trial step"
-        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch} ({how})"
+        how = f"its trial's peak remembered in {peaks_file}" if micro_batch in remembered else "a trial step"
+        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
         return micro_batch
+
+    def trial_recipe(self, optim: str, autocast_dtype) -> str:
+        """A hash of what a micro-batch trial's peak memory depends on: script, techniques, model, sizes, optimizer,
+        autocast, GPU and torch version."""
+        import torch
+
+        return common.content_hash(self.script, self.on.names_on(), self.config.to_json_string(), self.args.seq_len,
+                                   getattr(self.args, "checkpoint_layers", None), optim, autocast_dtype,
+                                   torch.cuda.get_device_name(self.device), torch.__version__)
 
     def shared_training_arguments(self, train_set, micro_batch: int) -> dict:
         """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""

@@ -168,3 +168,27 @@ def test_out_of_memory_in_training_ends_with_the_micro_batch_that_fits(tmp_path,
     assert line.startswith("lightweight_small: ") and line.endswith("; micro-batch 1 fits (--micro-batch 1)")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["oom"] is True and summary["micro_batch_that_fits"] == 1 and summary["oom_message"] == line
+
+
+def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_path, monkeypatch):
+    """lightweight_big's probe as on a GPU: the first run tries 16 (out of memory) and 8 (fits); a later run of
+    the same recipe tries only 16 again, since a trial that ran out of memory has no peak to remember."""
+    from harness.cli import Switches
+
+    run, tried = simulated_gpu
+    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=16, micro_batch_given=False,
+                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
+    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    trials = lambda: [t[0] for t in tried if t != "empty_cache"]  # noqa: E731
+
+    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True) == 8
+    assert trials() == [16, 8] and run.micro_batch_reason.endswith("; by a trial step")
+    tried.clear()
+    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True) == 8
+    assert trials() == [16]
+    assert run.micro_batch_reason.endswith(f"by its trial's peak remembered in {tmp_path / 'cache'}/"
+                                           "micro_batch_trial_peaks.json")
+    tried.clear()  # another recipe (the optimizer is part of it): its own trials
+    assert run.largest_micro_batch(run.model, "adamw_torch", autocast=True) == 8
+    assert trials() == [16, 8]
