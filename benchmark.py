@@ -310,6 +310,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, no budgets or sweep: tests the "
                    "machinery in a few minutes; writes runs/benchmark/smoke.json unless --out says otherwise")
     args = p.parse_args(argv)
+    if args.job_warm_runs < 1:
+        p.error(f"--job-warm-runs must be at least 1 (got {args.job_warm_runs})")
     RESULTS.mkdir(exist_ok=True)
     if args.merge:
         return report(merge(args.merge, RESULTS / "benchmark.json"))

@@ -120,8 +120,8 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
     Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
     Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
     autocast_dtype: the dtype the training step autocasts to (None: no autocast).
-    known_peaks: trial peaks (bytes by micro-batch) measured before, for this recipe on this GPU; a micro-batch
-    found there is not tried again, and each new trial's peak is added to it.
+    known_peaks: what a trial added to the memory allocated before it (bytes by micro-batch), measured before for
+    this recipe on this GPU; a micro-batch found there is not tried again, and each new trial's is added to it.
     """
     known_peaks = {} if known_peaks is None else known_peaks
     estimate = state_memory_estimate_gib(model, optim)["optimizer states"]
@@ -139,17 +139,18 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
         return torch.cuda.max_memory_allocated()
 
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
+    before = torch.cuda.memory_allocated()  # the weights (and whatever else this process holds)
     micro = largest
     while True:
         if micro in known_peaks:
-            if known_peaks[micro] <= headroom or micro == 1:
+            if before + known_peaks[micro] <= headroom or micro == 1:
                 return micro
             micro //= 2
             continue
         torch.cuda.reset_peak_memory_stats()
         try:
-            known_peaks[micro] = trial_peak(micro)
-            if known_peaks[micro] <= headroom or micro == 1:
+            known_peaks[micro] = trial_peak(micro) - before
+            if before + known_peaks[micro] <= headroom or micro == 1:
                 return micro
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -163,26 +164,30 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
 
 
 def load_trial_peaks(path: Path, recipe: str) -> dict[int, int]:
-    """The trial peaks (bytes by micro-batch) an earlier run of `recipe` (a hash of what the peak depends on)
-    measured, from the JSON file at `path`; none if the file is missing or unreadable."""
+    """The trial peaks (bytes by micro-batch, as choose_micro_batch's known_peaks) an earlier run of `recipe` (a
+    hash of what they depend on) measured, from the JSON file at `path`; none if it is missing or unreadable."""
     try:
         return {int(micro): int(peak) for micro, peak in json.loads(path.read_text()).get(recipe, {}).items()}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return {}
 
 
 def save_trial_peaks(path: Path, recipe: str, peaks: dict[int, int]) -> None:
-    """Add `recipe`'s trial peaks to the file at `path`; written whole and renamed, since the processes of a
-    launch may write at once."""
+    """Add `recipe`'s trial peaks to the file at `path` (written whole, then renamed into place). A cache: a file
+    that cannot be read is replaced, and one that cannot be written leaves the run as it is."""
     try:
         remembered = json.loads(path.read_text())
+        remembered = remembered if isinstance(remembered, dict) else {}
     except (OSError, ValueError):
         remembered = {}
     remembered[recipe] = {str(micro): peak for micro, peak in sorted(peaks.items())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(remembered, indent=1) + "\n")
-    os.replace(partial, path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(remembered, indent=1) + "\n")
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,

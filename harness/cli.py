@@ -33,6 +33,10 @@ class Technique:
     needs: tuple[str, ...] = ()  # techniques it cannot work without
     at_start: Callable[[], object] | None = None  # run as soon as the command line is read, before torch is imported
 
+    def __post_init__(self):
+        if self.at_start is not None and self.cuda_only:
+            raise ValueError("at_start runs before the device is known: not for a CUDA-only technique")
+
 
 REFUSAL_WAIT_SECONDS = 30
 

@@ -133,9 +133,9 @@ class MeasuringTrainer(Trainer):
             self.seconds_in[part] += seconds
 
     def evaluate(self, *a, **kw):
-        eager = torch.compiler.set_stance("force_eager") if self.evaluate_eagerly else contextlib.nullcontext()
-        with self._paused("eval"), eager:
-            return super().evaluate(*a, **kw)
+        with self._paused("eval"):
+            with torch.compiler.set_stance("force_eager") if self.evaluate_eagerly else contextlib.nullcontext():
+                return super().evaluate(*a, **kw)
 
     def _save_checkpoint(self, *a, **kw):  # private, but no callback runs before a save (on_save runs after)
         with self._paused("save"):

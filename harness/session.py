@@ -62,15 +62,18 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
 
 @contextlib.contextmanager
 def collector_as_it_was():
-    """Python's garbage collector on (or off) and unfrozen afterwards as before: for a caller of main(argv) in
-    the same process (the tests run many), whatever a run did to it."""
-    enabled = gc.isenabled()
+    """Python's garbage collector on or off, and frozen or not, afterwards as before: for a caller of main(argv)
+    in the same process (the tests run many), whatever a run did to it."""
+    enabled, frozen = gc.isenabled(), gc.get_freeze_count()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not frozen:
+            gc.unfreeze()
         if enabled:
             gc.enable()
+        else:
+            gc.disable()
 
 
 def half_precision_dtype(cuda: bool):
@@ -198,7 +201,8 @@ class Run:
         remembered = set(peaks)
         micro_batch = choose_micro_batch(model, args.micro_batch, args.seq_len, budget, optim, autocast_dtype,
                                          self.device, known_peaks=peaks)
-        save_trial_peaks(peaks_file, recipe, peaks)
+        if self.main_process and set(peaks) != remembered:  # one writer per launch, and only what is new
+            save_trial_peaks(peaks_file, recipe, peaks)
         if self.world_size > 1:
             micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
@@ -208,12 +212,14 @@ class Run:
 
     def trial_recipe(self, optim: str, autocast_dtype) -> str:
         """A hash of what a micro-batch trial's peak memory depends on: script, techniques, model, sizes, optimizer,
-        autocast, GPU and torch version."""
+        autocast, GPU and library versions."""
         import torch
+
+        from harness.measure import versions
 
         return common.content_hash(self.script, self.on.names_on(), self.config.to_json_string(), self.args.seq_len,
                                    getattr(self.args, "checkpoint_layers", None), optim, autocast_dtype,
-                                   torch.cuda.get_device_name(self.device), torch.__version__)
+                                   torch.cuda.get_device_name(self.device), versions())
 
     def shared_training_arguments(self, train_set, micro_batch: int) -> dict:
         """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""

@@ -1,4 +1,7 @@
 """benchmark_jobs.py: the whole-job rows keep the median of the warm runs, parts and all."""
+import pytest
+
+import benchmark
 import benchmark_jobs
 
 
@@ -21,7 +24,8 @@ def test_job_row_is_the_median_warm_run(tmp_path, monkeypatch):
     light = dict(row, parts={**row["parts"], "train_seconds": 4.0})
     lines = "\n".join(benchmark_jobs.job_table({"job-before_small": before, "job-lightweight_small": light}))
     assert "lightweight_small vs before_small: the whole job 3.50x sooner (warm), 2.00x cold" in lines
-    assert "Medians of: lightweight_small warm runs 18.0, 15.0, 16.0 s." in lines  # one warm run: nothing to say
+    assert "Medians of: lightweight_small warm runs 18.0, 15.0, 16.0 s." in lines
+    assert "before_small warm runs" not in lines  # one warm run: nothing to say
 
 
 def test_a_failed_warm_run_is_reported(tmp_path, monkeypatch):
@@ -29,3 +33,9 @@ def test_a_failed_warm_run_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark_jobs, "timed_job",
                         lambda script, out, cache, argv=(): (*next(timings), {}))
     assert benchmark_jobs.job_row("lightweight_small", tmp_path, warm_runs=3)["error"] == "exit 0 cold, 3 warm"
+
+
+def test_job_warm_runs_below_one_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--smoke", "--only", "job", "--job-warm-runs", "0"])
+    assert exit_info.value.code == 2 and "--job-warm-runs must be at least 1 (got 0)" in capsys.readouterr().err

@@ -71,3 +71,25 @@ def test_a_refused_run_leaves_the_collector_on(tmp_path, cache_dir):
         lightweight_small.main([*TINY, "--seq-len", "4096", "--wandb", "off", "--output-dir", str(tmp_path / "out"),
                                 "--cache-dir", str(cache_dir)])
     assert exit_info.value.code == 2 and gc.isenabled()  # refused in setup, after gc_paused paused the collector
+
+
+def test_a_caller_with_the_collector_off_and_objects_frozen_gets_them_back_so(tmp_path, cache_dir):
+    argv = [*TINY, "--max-steps", "2", "--wandb", "off", "--no-checkpoints", "--output-dir", str(tmp_path / "out"),
+            "--cache-dir", str(cache_dir)]
+    gc.disable()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        lightweight_small.main(argv)
+        assert not gc.isenabled()  # the callback's on_train_end switched it on; the session put it back off
+        assert gc.get_freeze_count() >= frozen  # the caller's frozen objects stay frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_an_at_start_is_not_for_a_cuda_only_technique():
+    from harness.cli import Technique
+
+    with pytest.raises(ValueError, match="not for a CUDA-only technique"):
+        Technique("x", cuda_only=True, at_start=gc.disable)

@@ -283,6 +283,11 @@ def test_trial_peaks_are_remembered_per_recipe(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left behind
     path.write_text("{not json")
     assert budget.load_trial_peaks(path, "recipe-a") == {}  # unreadable: the trials run again
+    path.write_text('{"recipe-a": {"32": null}}')
+    assert budget.load_trial_peaks(path, "recipe-a") == {}
+    path.write_text("[1, 2]")  # JSON, but not what this file holds: replaced
+    budget.save_trial_peaks(path, "recipe-a", {8: budget.GIB})
+    assert budget.load_trial_peaks(path, "recipe-a") == {8: budget.GIB}
 
 
 def test_checkpoint_layers_checkpoints_only_the_first_blocks(cache_dir):

@@ -179,6 +179,7 @@ def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_pat
     run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=16, micro_batch_given=False,
                                cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
     run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
+    run.main_process = True  # the one process that writes the remembered peaks
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
     trials = lambda: [t[0] for t in tried if t != "empty_cache"]  # noqa: E731
 
