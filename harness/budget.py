@@ -140,26 +140,30 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
 
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
     before = torch.cuda.memory_allocated()  # the weights (and whatever else this process holds)
-    micro = largest
-    while True:
-        if micro in known_peaks:
-            if before + known_peaks[micro] <= headroom or micro == 1:
-                return micro
-            micro //= 2
-            continue
+
+    def added_by_trial(micro: int) -> int | None:
+        """What a trial at `micro` adds to the memory in use; None if it ran out of memory (at 1: raised)."""
         torch.cuda.reset_peak_memory_stats()
         try:
-            known_peaks[micro] = trial_peak(micro) - before
-            if before + known_peaks[micro] <= headroom or micro == 1:
-                return micro
+            return trial_peak(micro) - before
         except torch.OutOfMemoryError:
             if micro == 1:
                 raise
+            return None
         finally:
             model.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+
+    micro = largest
+    while True:
+        if micro not in known_peaks:
+            added = added_by_trial(micro)
+            if added is not None:
+                known_peaks[micro] = added
+        if micro in known_peaks and (before + known_peaks[micro] <= headroom or micro == 1):
+            return micro
         micro //= 2
 
 
