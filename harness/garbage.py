@@ -1,11 +1,12 @@
 """Python's garbage collector in training: between optimizer steps, never inside them (torchtitan's `gc_freq`).
 
 A process that holds torch, transformers and dynamo's compiled graphs has about a million objects, and a full
-collection of them, which Python starts whenever enough objects were allocated, stalls the step it lands in:
-lightweight_small's steps 6-10 ran at 135k tokens/s where the others ran at 186k; with the collector off, the
-same run's steps 6-10 ran at 186k (results/NOTES.md, calls 25-28). The Trainer has no switch for it, so it is a
-TrainerCallback (the public hook) here. The scripts pause the collector at the start (their gc_paused), which
-also spares the imports' collections.
+collection of them, which Python starts whenever enough objects were allocated, stalls the step it lands in.
+One run with the collector off ran lightweight_small's steps 6-10 at 186k tokens/s where others had 135k (calls
+25-28), though a slow window there outlived the paused collector (call 32): it has a second cause, not yet
+known (results/NOTES.md). With it paused, lightweight_small's job was 1.8 s shorter (call 30). The Trainer has
+no switch for it, so it is a TrainerCallback (the public hook) here. The scripts pause the collector at the
+start (their gc_paused), which also spares the imports' collections.
 """
 from __future__ import annotations
 
