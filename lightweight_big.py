@@ -5,6 +5,7 @@
 The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py), which the benchmark compares with, is
 this script with its own techniques switched: `python lightweight_big.py` followed by REFERENCE_QLORA below.
 """
+import functools
 import gc
 
 from common import packed_dataset, padded_dataset
@@ -20,6 +21,9 @@ TECHNIQUES = {
     "nf4": Technique("base weights in 4-bit NF4, double quantization, bf16 compute (bitsandbytes)", needs=("lora",)),
     "lora": Technique(f"rank-{LORA_RANK} adapters on every attention and MLP projection; the base is frozen (peft)"),
     "grad_checkpointing": Technique("recompute activations in backward (--checkpoint-layers: how many layers)"),
+    "offload_checkpoints": Technique("where the memory splits a step into micro-batches: the checkpointed blocks' "
+                                     "inputs wait in pinned CPU memory, if a micro-batch twice as large then fits "
+                                     "(half the micro-batches, half their host work)", cuda_only=True),
     "paged_adamw_8bit": Technique("8-bit AdamW states, paged to the CPU under pressure (bitsandbytes)"),
     "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
                                needs=("lora",)),
@@ -50,7 +54,7 @@ TECHNIQUES = {
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
                    "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch", "--off", "gc_paused",
-                   "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
+                   "--off", "offload_checkpoints", "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
 
 
 def load_model(weights, on, device, half, checkpoint_layers=None):
@@ -99,11 +103,17 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
                 module.forward = torch.autocast(device.type, dtype=half)(module.forward)
     put_loss_in_forward(model, fused=on("fused_ce"), vocab_size=vocab_size)  # fused: no logits tensor
     if on("grad_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
-        for block in blocks[checkpoint_layers:] if checkpoint_layers is not None else []:
-            block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs
+        checkpoint_blocks(model, checkpoint_layers)
     return model
+
+
+def checkpoint_blocks(model, layers=None, offload=False):
+    """Recompute the first `layers` blocks (None: all) in backward; offload: their saved inputs (one hidden state per
+    block) wait in pinned CPU memory, copied out in forward and back in backward on the compute stream."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
+    blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
+    for block in blocks[layers:] if layers is not None else []:
+        block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs
 
 
 def main(argv=None):
@@ -112,7 +122,8 @@ def main(argv=None):
         from transformers import TrainingArguments
 
         on, half = run.on, run.bf16_or_fp16
-        model = load_model(run.weights, on, run.device, half, getattr(run.args, "checkpoint_layers", None))
+        checkpoint_layers = getattr(run.args, "checkpoint_layers", None)
+        model = load_model(run.weights, on, run.device, half, checkpoint_layers)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = packed_dataset(run.train_records, run.args.seq_len)
         else:
@@ -124,7 +135,11 @@ def main(argv=None):
         autocast = on("bf16") or half == torch.float16
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):
-            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast)
+            offload = None
+            if on("offload_checkpoints") and on("grad_checkpointing"):  # the step is bound by each micro-batch's
+                # host work (peft, bitsandbytes, launches): fewer, larger micro-batches are worth the copies
+                offload = functools.partial(checkpoint_blocks, model, checkpoint_layers)  # offload(True or False)
+            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast, offload=offload)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,

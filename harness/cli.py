@@ -136,7 +136,9 @@ def build_parser(script: str, model: str, techniques: dict[str, Technique], size
     p.add_argument("--no-checkpoints", action="store_true",
                    help="save nothing: no checkpoints, no final model (benchmarks)")
     p.add_argument("--profile", metavar="DIR", default=None,
-                   help="CUDA: profile optimizer steps 6 and 7 with torch.profiler into DIR (profile.md, trace.json.gz)")
+                   help="CUDA: profile two optimizer steps with torch.profiler into DIR (profile.md, trace.json.gz)")
+    p.add_argument("--profile-first", metavar="STEP", type=int, default=6,
+                   help="the first of the two profiled optimizer steps (1-based; default: 6)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output-dir: same data order, optimizer, schedule, "
                         "metrics.jsonl and W&B run")
@@ -194,6 +196,8 @@ def validate_args(args, on: Switches, world_size: int) -> None:
         problems.append("--resume and --no-checkpoints exclude each other")
     if args.lr <= 0:
         problems.append(f"--lr must be positive (got {args.lr:g})")
+    if args.profile_first < 1:
+        problems.append(f"--profile-first must be positive (got {args.profile_first})")
     if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
         problems.append(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib:g})")
     nearest = next((p for p in (Path(args.output_dir), *Path(args.output_dir).parents) if p.exists()), None)

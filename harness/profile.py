@@ -1,7 +1,9 @@
-"""--profile DIR: where a training step's time goes, from torch.profiler, over two optimizer steps after warm-up.
+"""--profile DIR: where a training step's time goes, from torch.profiler, over two optimizer steps after warm-up
+(--profile-first: the first of them).
 
-DIR/profile.md lists the GPU time by kind of kernel (matmul, attention, optimizer, ...) and the top kernels;
-DIR/trace.json.gz is the whole trace (chrome://tracing or https://ui.perfetto.dev).
+DIR/profile.md lists the GPU time by kind of kernel (matmul, attention, optimizer, ...), the top kernels, the host's
+time by operator and its longest single events (a stall shows there); DIR/trace.json.gz is the whole trace
+(chrome://tracing or https://ui.perfetto.dev).
 """
 from __future__ import annotations
 
@@ -50,6 +52,20 @@ class ProfileSteps(TrainerCallback):
             self.write(wall)
             self.profiler = None
 
+    def host_lines(self, top: int = 15) -> list[str]:
+        """The host's side: seconds by operator (self time), and the longest single events (inclusive)."""
+        host = [e for e in self.profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        lines = [f"\n## Host time by operator, top {top} (self)\n", "| operator | host seconds | calls |", "|---|---|---|"]
+        lines += [f"| `{e.key[:90]}` | {e.self_cpu_time_total / 1e6:.4f} | {e.count} |"
+                  for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top]]
+        events = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CPU]
+        lines += [f"\n## Longest {top} host events (inclusive; nested events overlap)\n",
+                  "| event | host ms | starts at ms |", "|---|---|---|"]
+        first = min((e.time_range.start for e in events), default=0)
+        lines += [f"| `{e.name[:90]}` | {e.cpu_time_total / 1e3:.1f} | {(e.time_range.start - first) / 1e3:.1f} |"
+                  for e in sorted(events, key=lambda e: -e.cpu_time_total)[:top]]
+        return lines
+
     def write(self, wall_seconds: float) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.profiler.export_chrome_trace(str(self.out_dir / "trace.json"))
@@ -67,6 +83,7 @@ class ProfileSteps(TrainerCallback):
         lines += ["\n## Top 25 kernels\n", "| kernel | kind | GPU seconds | calls |", "|---|---|---|---|"]
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]:
             lines.append(f"| `{e.key[:90]}` | {kind_of(e.key)} | {e.self_device_time_total / 1e6:.4f} | {e.count} |")
+        lines += self.host_lines()
         (self.out_dir / "profile.md").write_text("\n".join(lines) + "\n")
         with open(self.out_dir / "trace.json", "rb") as raw, gzip.open(self.out_dir / "trace.json.gz", "wb") as packed:
             shutil.copyfileobj(raw, packed)

@@ -182,10 +182,14 @@ class Run:
         return step_size.accumulation(micro_batch, self.world_size, self.args.seq_len, self.args.tokens_per_step,
                                       "attention_mask" in train_set.column_names, len(train_set), self.train_tokens)
 
-    def largest_micro_batch(self, model, optim: str, autocast: bool) -> int:
+    def largest_micro_batch(self, model, optim: str, autocast: bool, offload=None) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
-        free memory or --gpu-memory-gib (the smallest over the processes of a launch)."""
-        from harness.budget import available_gib, choose_micro_batch, load_trial_peaks, save_trial_peaks
+        free memory or --gpu-memory-gib (the smallest over the processes of a launch).
+
+        offload: a function that switches activation offload on (True) or off (False). Where the largest
+        micro-batch splits the step, the probe tries twice that with offload on, and leaves it on only if that fits.
+        """
+        from harness.budget import available_gib
 
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:
@@ -193,22 +197,41 @@ class Run:
             return args.micro_batch
         budget = args.gpu_memory_gib or available_gib()
         autocast_dtype = self.bf16_or_fp16 if autocast else None
+        micro_batch, how = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch)
+        if self.world_size > 1:  # every process must agree: the smallest (and so on whether to offload)
+            micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
+        if offload is not None and micro_batch < args.micro_batch:
+            offload(True)
+            larger, how_larger = self.micro_batch_within(model, budget, optim, autocast_dtype, 2 * micro_batch,
+                                                         variant="offload")
+            if self.world_size > 1:
+                larger = step_size.smallest_over_processes(larger, self.device)
+            if larger > micro_batch:
+                micro_batch, how = larger, f"{how_larger}, with the checkpointed activations offloaded to the CPU"
+            else:
+                offload(False)  # no larger micro-batch fits with it: not worth its copies
+        where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
+        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
+        return micro_batch
+
+    def micro_batch_within(self, model, budget: float, optim: str, autocast_dtype, largest: int,
+                           variant: str = "") -> tuple[int, str]:
+        """(the largest micro-batch, halving from `largest`, whose trial step fits 90% of `budget` GiB; how that
+        was found). variant: what else the trial's peak depends on (part of the recipe its peaks are kept under)."""
+        from harness.budget import choose_micro_batch, load_trial_peaks, save_trial_peaks
+
         # a trial step's peak is the same on every run of this recipe on this GPU: remembered in --cache-dir, a
         # later run skips the trials it already made (lightweight_small's probe took about 1.8 s of its job)
-        peaks_file = Path(args.cache_dir) / "micro_batch_trial_peaks.json"
-        recipe = self.trial_recipe(optim, autocast_dtype)
+        peaks_file = Path(self.args.cache_dir) / "micro_batch_trial_peaks.json"
+        recipe = self.trial_recipe(optim, autocast_dtype) + variant
         peaks = load_trial_peaks(peaks_file, recipe)
         remembered = set(peaks)
-        micro_batch = choose_micro_batch(model, args.micro_batch, args.seq_len, budget, optim, autocast_dtype,
+        micro_batch = choose_micro_batch(model, largest, self.args.seq_len, budget, optim, autocast_dtype,
                                          self.device, known_peaks=peaks)
         if self.main_process and set(peaks) != remembered:  # one writer per launch, and only what is new
             save_trial_peaks(peaks_file, recipe, peaks)
-        if self.world_size > 1:
-            micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
-        where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
-        how = f"its trial's peak remembered in {peaks_file}" if micro_batch in remembered else "a trial step"
-        self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
-        return micro_batch
+        return micro_batch, (f"its trial's peak remembered in {peaks_file}" if micro_batch in remembered
+                             else "a trial step")
 
     def trial_recipe(self, optim: str, autocast_dtype) -> str:
         """A hash of what a micro-batch trial's peak memory depends on: script, techniques, model, sizes, optimizer,
@@ -302,7 +325,7 @@ class Run:
         self.trainer.add_callback(stopper.callback())
         if args.profile and self.cuda and self.main_process:
             from harness.profile import ProfileSteps
-            self.trainer.add_callback(ProfileSteps(args.profile))
+            self.trainer.add_callback(ProfileSteps(args.profile, first=args.profile_first))
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.mark("trainer")

@@ -317,6 +317,24 @@ def test_profile_needs_a_gpu(good_corpus, cache, tmp_path, capsys):
     assert not (tmp_path / "profile").exists()
 
 
+def test_profile_lists_the_hosts_longest_events():
+    """A stall on the host (here a 50 ms sleep inside a named region) is the longest event in profile.md's host
+    table, and the operators' self time is listed beside it."""
+    import time
+
+    from harness.profile import ProfileSteps
+
+    steps = ProfileSteps("unused")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as steps.profiler:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        with torch.profiler.record_function("stall"):
+            time.sleep(0.05)
+    lines = steps.host_lines(top=3)
+    longest = lines[lines.index("| event | host ms | starts at ms |") + 2]
+    assert longest.startswith("| `stall` | ") and float(longest.split("|")[2]) >= 50
+    assert any(line.startswith("| `aten::mm` |") for line in lines)
+
+
 def test_profile_sorts_kernels_into_kinds():
     from harness.profile import kind_of
 

@@ -193,3 +193,82 @@ def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_pat
     tried.clear()  # another recipe (the optimizer is part of it): its own trials
     assert run.largest_micro_batch(run.model, "adamw_torch", autocast=True) == 8
     assert trials() == [16, 8]
+
+
+@pytest.mark.parametrize("offload_halves_the_peak", [True, False])
+def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_gpu, tmp_path, monkeypatch,
+                                                                     offload_halves_the_peak):
+    """lightweight_big's probe with activation offload to choose: 8 of 16 fits without it; with it on, 16 is tried,
+    and offload stays on only if 16 then fits. Its trial peaks are remembered apart from those without it."""
+    from harness.cli import Switches
+
+    run, tried = simulated_gpu
+    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=16, micro_batch_given=False,
+                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
+    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
+    run.main_process = True
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    switched, peak = [], {"bytes": 0}
+
+    def loss(hidden, head, labels, fused, vocab_size=None):  # n rows: n / 10 GiB, or n / 20 where offload halves it
+        rows, halved = hidden.shape[0], switched[-1:] == [True] and offload_halves_the_peak
+        tried.append(rows)
+        if rows > (24 if halved else 12):
+            raise torch.OutOfMemoryError("simulated")
+        peak["bytes"] = rows / (20 if halved else 10) * budget.GIB
+        return lm_loss_sum(hidden, head, labels, fused, vocab_size)
+
+    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+    for attempt in ("first", "remembered"):
+        tried.clear(), switched.clear()
+        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, offload=switched.append)
+        trials = [t for t in tried if t != "empty_cache"]
+        if offload_halves_the_peak:
+            assert size == 16 and switched == [True]
+            assert run.micro_batch_reason.endswith("with the checkpointed activations offloaded to the CPU")
+            # 16 (out of memory) and 8 without offload, then 16 with it; later only the out-of-memory trial again
+            assert trials == ([16, 8, 16] if attempt == "first" else [16])
+        else:
+            assert size == 8 and switched == [True, False]  # tried, and switched off again
+            assert "offloaded" not in run.micro_batch_reason
+            assert trials == ([16, 8, 16, 8] if attempt == "first" else [16, 16])
+
+
+def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path, monkeypatch):
+    """Where the script's micro-batch fits (one micro-batch per step), offload is never switched on."""
+    from harness.cli import Switches
+
+    run, tried = simulated_gpu
+    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=8, micro_batch_given=False,
+                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
+    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
+    run.main_process = True
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    switched = []
+    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, offload=switched.append) == 8
+    assert switched == []
+
+
+def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monkeypatch):
+    """checkpoint_blocks(offload=True) routes every checkpointed block's saved input through transformers' CPU
+    offload (pinned memory needs a GPU, so the offload is recorded here), and offload=False takes it out again."""
+    import transformers.modeling_utils
+
+    model, _ = tiny_script_model(lightweight_big, cache_dir)
+    packed = []
+
+    class RecordedOffload(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory, device_type):
+            super().__init__(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t)
+
+    monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu", RecordedOffload)
+    ids = torch.randint(0, 100, (2, 16))
+    blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
+    model.train()
+    for offload, hidden_states_packed in ((True, len(blocks)), (False, 0)):
+        packed.clear()
+        lightweight_big.checkpoint_blocks(model, None, offload=offload)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert packed.count((2, 16, model.config.hidden_size)) == hidden_states_packed
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
