@@ -83,6 +83,10 @@ GROUPS = {
     "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
                    argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
               for k in (24, 20)],
+    # lightweight_big under the budgets that split its step, without offload_checkpoints: what the offload gives
+    "offload": [dict(name=f"lightweight_big-{gib}gib-no-offload_checkpoints", script="lightweight_big",
+                     argv=["--max-steps", str(steps), "--gpu-memory-gib", str(gib), "--off", "offload_checkpoints"])
+                for gib, steps in ((4, BIG_STEPS), (2, BIG_STEPS // 2))],
     "ablation_small": ablations("lightweight_small", ABLATION_STEPS),
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time

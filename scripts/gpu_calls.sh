@@ -11,6 +11,9 @@
 #   bash scripts/gpu_calls.sh leads OUT    # session 6's exploratory runs (call 21)
 #   bash scripts/gpu_calls.sh rows_and_jobs OUT  # session 7's last call (call 32): the four jobs, the small rows,
 #                                                # lightweight_big at 4 GiB with gc_paused off and on
+#   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
+#                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
+#                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
 # Each writes its JSON, logs and summaries under OUT; merge with `python benchmark.py --merge OUT/*.json`.
 set -u
 CALL=$1; OUT=$2; mkdir -p "$OUT"
@@ -73,6 +76,24 @@ rows_and_jobs)  # session 7's last call: GPU 1 before_big's job; GPU 0 the other
       python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 4 \$sw \
         --output-dir /tmp/big4-\$gc; cp /tmp/big4-\$gc/summary.json $OUT/big4_gc_\${gc}_summary.json; done"
   wait ;;
+offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
+  export CUDA_VISIBLE_DEVICES=0
+  python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"
+  python benchmark.py --only main,fast8,offload --runs \
+    lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt24,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora,lightweight_big-4gib-no-offload_checkpoints,lightweight_big-2gib-no-offload_checkpoints \
+    --out "$OUT/rows.json" --workdir /tmp/rows >"$OUT/rows.log" 2>&1
+  # the slow window: the row's command logged every step, then with steps 9-10 profiled, each after the warm-up
+  Q="--init random --wandb off --no-checkpoints --max-steps 30"
+  for run in log1 profile9; do
+    python lightweight_small.py $Q --max-steps 2 --eval-every 1 --output-dir /tmp/w >/dev/null 2>&1
+    extra=(); [ $run = profile9 ] && extra=(--profile "$OUT/profile-small-9" --profile-first 9)
+    python lightweight_small.py $Q --logging-steps 1 "${extra[@]}" --output-dir "/tmp/$run" >"$OUT/small_$run.log" 2>&1
+    cp "/tmp/$run/metrics.jsonl" "$OUT/small_${run}_metrics.jsonl"
+  done
+  python lightweight_big.py $Q --max-steps 8 --gpu-memory-gib 4 --profile "$OUT/profile-big4" --output-dir /tmp/big4 \
+    >"$OUT/big4_profile.log" 2>&1
+  rm -f "$OUT"/profile-*/trace.json.gz
+  tar -czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz --exclude rows.json . ;;
 leads)  # session 6's leads on GPU 0 alone (results/NOTES.md, call 21): the small job's setup parts; lightweight_big at
   # one micro-batch of 32 per step, uncapped and under 8 GiB; lightweight_small's slow window without the first eval
   export CUDA_VISIBLE_DEVICES=0
@@ -111,5 +132,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|leads|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|offload|leads|scale OUT" >&2; exit 2 ;;
 esac
