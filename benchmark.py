@@ -28,6 +28,7 @@ from pathlib import Path
 import benchmark_jobs
 import benchmark_scale
 import lightweight_big
+import lightweight_small
 from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO, parse_args
 
 RESULTS = REPO / "results"
@@ -42,9 +43,11 @@ REFERENCE_QLORA = lightweight_big.REFERENCE_QLORA
 # What a user would run instead of lightweight_small: transformers' run_clm with its speed flags (--bf16 --tf32
 # --optim adamw_torch_fused, SDPA, 16 x 1024, group_texts packing) and nothing else.
 PEER_RUN_CLM = ["--off", "fused_ce", "--off", "compile", "--off", "auto_micro_batch", "--off", "gc_paused",
-                "--micro-batch", "16"]
+                "--off", "step_overlap", "--micro-batch", "16"]
 
-SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 30, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
+SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 40, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
+# lightweight_small compiles only runs of at least this many steps: its steady rows and ablations are that long
+assert SMALL_STEPS >= lightweight_small.COMPILE_PAYS_FROM_STEPS
 SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]
 
 
@@ -87,7 +90,7 @@ GROUPS = {
     "offload": [dict(name=f"lightweight_big-{gib}gib-no-offload_checkpoints", script="lightweight_big",
                      argv=["--max-steps", str(steps), "--gpu-memory-gib", str(gib), "--off", "offload_checkpoints"])
                 for gib, steps in ((4, BIG_STEPS), (2, BIG_STEPS // 2))],
-    "ablation_small": ablations("lightweight_small", ABLATION_STEPS),
+    "ablation_small": ablations("lightweight_small", SMALL_STEPS),
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time
     "job": benchmark_jobs.SCRIPTS,  # each script's default job, cold then warm (benchmark_jobs.py)
@@ -143,13 +146,14 @@ def compiles(spec: dict) -> bool:
 
 
 def warm_the_compile_cache(spec: dict, argv: list) -> None:
-    """Run the row's command for 2 steps with an evaluation first, so that the row measures a warm compile cache,
-    as a user's second run: inductor's first compilation (training and evaluation graphs) is then no part of it.
+    """Run the row's command for as few steps as compile (lightweight_small.COMPILE_PAYS_FROM_STEPS), so that the
+    row measures a warm compile cache, as a user's second run: inductor's first compilation is then no part of it.
     Its effect on the steady figure was small: steps 6-10 at 129k tokens/s with the caches removed, 135k warm,
     later windows alike (NOTES.md, call 27; the slow window itself is a garbage collection, calls 26-28). A
     user's first run pays the compilation once; the job rows measure it (cold)."""
-    warm = [*argv, "--max-steps", "2", "--eval-every", "1", "--output-dir", f"{argv[argv.index('--output-dir') + 1]}-warm"]
-    print(f"\n=== {spec['name']}: warming the compile cache (2 steps)", file=sys.stderr, flush=True)
+    steps = str(lightweight_small.COMPILE_PAYS_FROM_STEPS)
+    warm = [*argv, "--max-steps", steps, "--eval-every", steps, "--output-dir", f"{argv[argv.index('--output-dir') + 1]}-warm"]
+    print(f"\n=== {spec['name']}: warming the compile cache ({steps} steps)", file=sys.stderr, flush=True)
     subprocess.run([*benchmark_scale.launch_command(spec), *warm], cwd=REPO, check=False)
 
 

@@ -11,6 +11,9 @@ from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
 MODEL = "facebook/opt-350m"
+# compiling costs about 1.5 s of a job with a warm cache (about 11 s cold) and saves about 0.04 s per step on an
+# H200: the default job (10 steps) is sooner without it (NOTES.md, session 8)
+COMPILE_PAYS_FROM_STEPS = 40
 SIZES = dict(micro_batch=32,           # 32 x 1024 tokens per forward pass keeps the H200 busy
              seq_len=1024,
              tokens_per_step=32768)    # = 32 x 1024, no accumulation; the same slots per step as before_small
@@ -21,8 +24,11 @@ TECHNIQUES = {
     "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
     "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
     "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
-    "compile": Technique("torch.compile of each decoder layer (compiled once, reused by all 24; evaluation runs "
-                         "them uncompiled)", cuda_only=True),
+    "compile": Technique(f"torch.compile of each decoder layer (compiled once, reused by all 24; evaluation runs "
+                         f"them uncompiled), in runs of at least {COMPILE_PAYS_FROM_STEPS} steps", cuda_only=True),
+    "step_overlap": Technique("the next step's work queues while the GPU finishes this one: the Trainer's NaN/inf "
+                              "filter of the logged loss, which reads every micro-batch's loss on the host, is off "
+                              "(a NaN loss is then logged as NaN)"),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
     "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
@@ -53,22 +59,26 @@ def main(argv=None):
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):  # a 16 or 24 GiB GPU takes a smaller one than the H200's 32
             micro_batch = run.largest_micro_batch(model, "adamw_torch_fused", autocast=on("bf16"))
+        if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
+            train_set = packed_dataset(run.train_records, run.args.seq_len)
+        else:
+            train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
+        steps = run.steps_to_train(train_set, micro_batch)
+        if on("compile") and steps < COMPILE_PAYS_FROM_STEPS:
+            on.skip("compile", f"{steps} steps; it pays for itself from about {COMPILE_PAYS_FROM_STEPS}")
         if on("compile"):  # each layer: one compilation serves all 24 (the whole decoder took longer than it saved)
             for layer in model.model.decoder.layers:
                 layer.compile()
             # under DDP, keep each layer one graph: dynamo would split it at DDP's 25 MB gradient buckets, losing
             # fusions (2 GPUs: +16% memory per GPU, 1.78x; unsplit: +0%, 1.85x; NOTES.md, calls 15 and 17)
             torch._dynamo.config.optimize_ddp = False  # a documented dynamo setting (torch._dynamo.config)
-        if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
-            train_set = packed_dataset(run.train_records, run.args.seq_len)
-        else:
-            train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=on("bf16") and run.bf16_or_fp16 == torch.bfloat16,  # autocast; fp32 master weights
             fp16=on("bf16") and run.bf16_or_fp16 == torch.float16,
             tf32=on("tf32"),
             optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
+            logging_nan_inf_filter=not on("step_overlap"),  # the filter waited for each micro-batch's loss
             **run.shared_training_arguments(train_set, micro_batch))
         callbacks = []
         if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)

@@ -77,8 +77,13 @@ class Switches:
 
     def skip_cuda_only(self, reason: str) -> None:
         for name, technique in self.declared.items():
-            if technique.cuda_only and self.chosen[name]:
-                self.skipped[name] = reason
+            if technique.cuda_only:
+                self.skip(name, reason)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Leave out a chosen technique for this run (`on(name)` answers False from now on); record() says why."""
+        if self(name):
+            self.skipped[name] = reason
 
     def names_on(self) -> list[str]:
         return [name for name in self.declared if self(name)]

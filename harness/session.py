@@ -244,12 +244,16 @@ class Run:
                                    getattr(self.args, "checkpoint_layers", None), optim, autocast_dtype,
                                    torch.cuda.get_device_name(self.device), versions())
 
+    def steps_to_train(self, train_set, micro_batch: int) -> int:
+        """The optimizer steps this run takes: --max-steps, or --epochs over `train_set`."""
+        per_epoch = step_size.steps_per_epoch(len(train_set), micro_batch, self.accumulation(micro_batch, train_set),
+                                              self.world_size)
+        return self.args.max_steps if self.args.max_steps > 0 else math.ceil(per_epoch * self.args.epochs)
+
     def shared_training_arguments(self, train_set, micro_batch: int) -> dict:
         """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""
         args = self.args
-        per_epoch = step_size.steps_per_epoch(len(train_set), micro_batch, self.accumulation(micro_batch, train_set),
-                                              self.world_size)
-        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.epochs)
+        total_steps = self.steps_to_train(train_set, micro_batch)
         return dict(
             output_dir=str(self.output_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
             learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
@@ -293,7 +297,8 @@ class Run:
         self.autocast_dtype = (torch.bfloat16 if training_args.bf16 else
                                torch.float16 if training_args.fp16 else None)
         self.summary.update(micro_batch=micro_batch, micro_batch_reason=self.micro_batch_reason,
-                            gradient_accumulation=training_args.gradient_accumulation_steps)
+                            gradient_accumulation=training_args.gradient_accumulation_steps,
+                            techniques=self.on.names_on(), techniques_skipped=dict(self.on.skipped))  # as decided
         # evaluation in micro-batches, or one block at a time where no held-out block may be dropped (drop_last)
         # or several processes share a step (blocks_in_whole_steps)
         one_by_one = training_args.dataloader_drop_last or self.world_size > 1

@@ -11,6 +11,8 @@
 #   bash scripts/gpu_calls.sh leads OUT    # session 6's exploratory runs (call 21)
 #   bash scripts/gpu_calls.sh rows_and_jobs OUT  # session 7's last call (call 32): the four jobs, the small rows,
 #                                                # lightweight_big at 4 GiB with gc_paused off and on
+#   bash scripts/gpu_calls.sh final OUT    # session 8 (call 35): the four jobs (GPU 0 median of 3 warm runs; GPU 1
+#                                          # before_big), then on GPU 1 lightweight_small's rows with the peer
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
 #                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
@@ -76,6 +78,14 @@ rows_and_jobs)  # session 7's last call: GPU 1 before_big's job; GPU 0 the other
       python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 4 \$sw \
         --output-dir /tmp/big4-\$gc; cp /tmp/big4-\$gc/summary.json $OUT/big4_gc_\${gc}_summary.json; done"
   wait ;;
+final)  # session 8's last call (NOTES.md, call 35): the four jobs, then the small model's compared rows on GPU 1
+  on_gpu 0 jobs_small python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
+    --job-warm-runs 3 --out "$OUT/jobs_small.json" --workdir /tmp/jobs0
+  on_gpu 1 gpu1 bash -c "python benchmark.py --only job --runs job-before_big --out $OUT/jobs_big.json --workdir /tmp/jobs1
+    python benchmark.py --only main,ablation_small --runs lightweight_small,peer-run_clm,lightweight_small-no-compile \
+      --out $OUT/rows.json --workdir /tmp/rows"
+  wait
+  tar -czf "$OUT/logs.tgz" -C "$OUT" jobs_small.log gpu1.log ;;
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"
@@ -132,5 +142,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|offload|leads|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|offload|final|leads|scale OUT" >&2; exit 2 ;;
 esac
