@@ -11,8 +11,9 @@ from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
 MODEL = "facebook/opt-350m"
-# compiling costs about 1.5 s of a job with a warm cache (about 11 s cold) and saves about 0.04 s per step on an
-# H200: the default job (10 steps) is sooner without it (NOTES.md, session 8)
+# compiling costs 1.1-1.5 s of a job with a warm cache (about 11 s cold) and saves 0.023 s a step on an H200
+# (180.0k against 160.0k tokens/s): the default job (10 steps) is sooner without it. It breaks even at about
+# 50-65 steps; 40 was chosen before that was measured, and the benchmark's compiled rows run 40 (NOTES.md, call 35)
 COMPILE_PAYS_FROM_STEPS = 40
 SIZES = dict(micro_batch=32,           # 32 x 1024 tokens per forward pass keeps the H200 busy
              seq_len=1024,
