@@ -133,6 +133,7 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False, warm: bool = True) -
         "argv": spec["argv"], "error": error, "curves": read_curves(out) if (out / "metrics.jsonl").exists() else None,
         "processes": summary.get("processes"), "parallelism": summary.get("parallelism"),
         "micro_batch_reason": summary.get("micro_batch_reason"), "gradient_accumulation": summary.get("gradient_accumulation"),
+        "step_seconds_timeline": summary.get("step_seconds_timeline"),
     }
 
 

@@ -79,6 +79,36 @@ def versions() -> dict:
     return out
 
 
+class StepEnds(TrainerCallback):
+    """Each optimizer step's end on the GPU's timeline (a CUDA event, first `steps` steps), read once after
+    training: seconds per step without the synchronization a per-step log makes, which changes how far the host
+    runs ahead (lightweight_small's slow window showed with a log every 5 steps, not every step; NOTES.md)."""
+
+    def __init__(self, steps: int = 100):
+        self.steps, self.events = steps, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.record()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if len(self.events) <= self.steps:
+            self.record()
+
+    def record(self) -> None:
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def seconds(self) -> list[float] | None:
+        """Seconds from each step's end to the next's (an evaluation between two steps counts in the later one);
+        None on the CPU."""
+        if len(self.events) < 2:
+            return None
+        self.events[-1].synchronize()
+        return [round(a.elapsed_time(b) / 1e3, 4) for a, b in zip(self.events, self.events[1:])]
+
+
 class MeasuringTrainer(Trainer):
     """Trainer that measures, at every log, tokens/s, step time, memory and MFU, and appends metrics.jsonl.
 
@@ -107,6 +137,8 @@ class MeasuringTrainer(Trainer):
                 trainer._window_start, trainer._window_step = time.perf_counter(), state.global_step
 
         self.add_callback(WindowStart())
+        self.step_ends = StepEnds()
+        self.add_callback(self.step_ends)
 
     def _build_accelerator_args(self, **kwargs):  # private; TrainingArguments has no gradient_as_bucket_view
         accelerator_args = super()._build_accelerator_args(**kwargs)

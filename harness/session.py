@@ -364,7 +364,8 @@ class Run:
             final_train_loss=train_losses[-1] if train_losses else None,
             final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step,
             compile_and_warmup_seconds=trainer.first_step_extra_seconds(),
-            eval_seconds=trainer.seconds_in["eval"], save_seconds=trainer.seconds_in["save"])
+            eval_seconds=trainer.seconds_in["eval"], save_seconds=trainer.seconds_in["save"],
+            step_seconds_timeline=trainer.step_ends.seconds())
         if self.world_size > 1:  # DistributedDataParallel's: gradients as views into its buckets (one copy)
             self.summary["ddp_gradient_as_bucket_view"] = getattr(trainer.model_wrapped, "gradient_as_bucket_view", None)
 

@@ -119,3 +119,36 @@ def test_step_overlap_turns_off_the_loss_nan_filter_on_the_host(argv, filtered, 
     lightweight_small.main([*TINY, "--max-steps", "1", "--wandb", "off", "--no-checkpoints", *argv,
                             "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
     assert seen["args"].logging_nan_inf_filter is filtered
+
+
+def test_step_ends_time_each_step_on_the_gpu_timeline_without_waiting(monkeypatch):
+    """StepEnds records a CUDA event at the start and after each step (here fake events on a fake clock) and reads
+    them only once, after training: each step's seconds, the first `steps` steps only; None without CUDA."""
+    from harness.measure import StepEnds
+
+    clock, synchronized = {"ms": 0.0}, []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = clock["ms"]
+
+        def elapsed_time(self, later):
+            return later.at - self.at
+
+        def synchronize(self):
+            synchronized.append(self.at)
+
+    assert StepEnds().seconds() is None  # the CPU: no events at all
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    step_ends = StepEnds(steps=3)
+    step_ends.on_train_begin(None, None, None)
+    for ms in (180, 175, 440, 176, 181):  # step 3 stalls
+        clock["ms"] += ms
+        step_ends.on_step_end(None, None, None)
+    assert synchronized == []  # training never waited for an event
+    assert step_ends.seconds() == [0.18, 0.175, 0.44]  # the first 3 steps
+    assert len(synchronized) == 1
