@@ -45,17 +45,20 @@ REFERENCE_QLORA = lightweight_big.REFERENCE_QLORA
 PEER_RUN_CLM = ["--off", "fused_ce", "--off", "compile", "--off", "auto_micro_batch", "--off", "gc_paused",
                 "--off", "step_overlap", "--micro-batch", "16"]
 
-SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = 40, 12, 8, 2  # a sweep trial: optimizer states exist after step 1
-# lightweight_small compiles only runs of at least this many steps: its steady rows and ablations are that long
-assert SMALL_STEPS >= lightweight_small.COMPILE_PAYS_FROM_STEPS
+# lightweight_small compiles only runs of COMPILE_PAYS_FROM_STEPS or more: its steady rows and ablations are that long
+SMALL_STEPS, BIG_STEPS, ABLATION_STEPS, SWEEP_STEPS = lightweight_small.COMPILE_PAYS_FROM_STEPS, 12, 8, 2  # a sweep
+# trial: optimizer states exist after step 1
 SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tokens-per-step", "512"]
 
 
-def ablations(script, steps):
+def ablations(script, steps, logging_steps):
     techniques = importlib.import_module(script).TECHNIQUES
-    skip = {"lora", "auto_micro_batch"}  # nf4 cannot train without lora; auto_micro_batch: see the budget rows
+    # nf4 cannot train without lora; auto_micro_batch and offload_checkpoints act under a budget: see the budget
+    # and offload rows (uncapped, offload is never used)
+    skip = {"lora", "auto_micro_batch", "offload_checkpoints"}
     return [dict(name=f"{script}-no-{t}", script=script, ablation=t,
-                 argv=["--max-steps", str(steps), "--eval-every", str(steps), "--off", t])
+                 argv=["--max-steps", str(steps), "--eval-every", str(steps), "--logging-steps", str(logging_steps),
+                       "--off", t])
             for t, technique in techniques.items() if technique.default and t not in skip]
 
 
@@ -90,8 +93,8 @@ GROUPS = {
     "offload": [dict(name=f"lightweight_big-{gib}gib-no-offload_checkpoints", script="lightweight_big",
                      argv=["--max-steps", str(steps), "--gpu-memory-gib", str(gib), "--off", "offload_checkpoints"])
                 for gib, steps in ((4, BIG_STEPS), (2, BIG_STEPS // 2))],
-    "ablation_small": ablations("lightweight_small", SMALL_STEPS),
-    "ablation_big": ablations("lightweight_big", ABLATION_STEPS),
+    "ablation_small": ablations("lightweight_small", SMALL_STEPS, logging_steps=5),  # logged as its main row
+    "ablation_big": ablations("lightweight_big", ABLATION_STEPS, logging_steps=1),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time
     "job": benchmark_jobs.SCRIPTS,  # each script's default job, cold then warm (benchmark_jobs.py)
     "scale": benchmark_scale.scale_rows(),
@@ -138,12 +141,13 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False, warm: bool = True) -
 
 
 def compiles(spec: dict) -> bool:
-    """Whether the row's run uses torch.compile (its script's `compile` technique, not switched off)."""
+    """Whether the row's run uses torch.compile: its script's `compile` technique, not switched off, in a run of
+    at least the steps from which the script compiles."""
     script = importlib.import_module(spec["script"])
     if "compile" not in getattr(script, "TECHNIQUES", {}):  # before_*: no techniques
         return False
-    _, on = parse_args(spec["script"], script.MODEL, script.TECHNIQUES, script.SIZES, spec["argv"])  # the script's own
-    return on.chosen["compile"]
+    args, on = parse_args(spec["script"], script.MODEL, script.TECHNIQUES, script.SIZES, spec["argv"])
+    return on.chosen["compile"] and args.max_steps >= script.COMPILE_PAYS_FROM_STEPS
 
 
 def warm_the_compile_cache(spec: dict, argv: list) -> None:

@@ -6,13 +6,16 @@ import sys
 
 
 def scale_rows() -> list[dict]:
-    """1 and 2 processes at the same tokens per step, 20 steps logged each (lightweight_small 40, the fewest it
+    """1 and 2 processes at the same tokens per step, 20 steps logged each (lightweight_small: the fewest it
     compiles): speed, per-GPU memory, and the per-step losses that must agree (DDP for the lightweight scripts, FSDP
     for before_big). The lightweight scripts' steps are two of their default micro-batches (32 x 1024), so that
     each GPU runs the same one."""
+    from lightweight_small import COMPILE_PAYS_FROM_STEPS
+
     fsdp = ["accelerate", "--config_file", "configs/accelerate/fsdp.yaml"]
     rows = []
-    for script, launcher, steps, argv in (("lightweight_small", ["torchrun"], 40, ["--tokens-per-step", "65536"]),
+    for script, launcher, steps, argv in (("lightweight_small", ["torchrun"], COMPILE_PAYS_FROM_STEPS,
+                                           ["--tokens-per-step", "65536"]),
                                           ("lightweight_big", ["torchrun"], 20, ["--tokens-per-step", "65536"]),
                                           ("before_big", fsdp, 20, ["--micro-batch", "4", "--tokens-per-step", "4096"])):
         logged = ["--max-steps", str(steps), "--logging-steps", "1", "--eval-every", str(steps)]
@@ -38,7 +41,7 @@ def launch_command(spec: dict) -> list[str]:
 
 def scale_table(runs: dict) -> list[str]:
     """benchmark.md's scaling section: tokens/s against processes and the largest per-step loss difference."""
-    lines = ["\n## Scaling out: 1 and 2 processes, same tokens per step (20 steps; lightweight_small 40)\n",
+    lines = ["\n## Scaling out: 1 and 2 processes, same tokens per step (20 steps; lightweight_small: the fewest it compiles)\n",
              "| script | parallelism | processes | micro-batch | tokens/s | vs 1 | per-GPU peak GiB | eval loss "
              "| largest per-step loss difference vs 1 |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in runs.items():

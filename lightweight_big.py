@@ -135,11 +135,15 @@ def main(argv=None):
         autocast = on("bf16") or half == torch.float16
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):
-            offload = None
-            if on("offload_checkpoints") and on("grad_checkpointing"):  # the step is bound by each micro-batch's
-                # host work (peft, bitsandbytes, launches): fewer, larger micro-batches are worth the copies
-                offload = functools.partial(checkpoint_blocks, model, checkpoint_layers)  # offload(True or False)
-            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast, offload=offload)
+            set_offload = None
+            if on("offload_checkpoints") and on("grad_checkpointing"):  # a split step is bound by each
+                # micro-batch's host work (peft, bitsandbytes, launches), whatever its rows: half as many
+                # micro-batches are worth a copy of each block's input to the CPU and back
+                set_offload = functools.partial(checkpoint_blocks, model, checkpoint_layers)
+            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast, set_offload=set_offload)
+        if on("offload_checkpoints") and run.offload_unused:  # the record says it was not used, and why
+            on.skip("offload_checkpoints", run.offload_unused if on("grad_checkpointing") else
+                    "needs grad_checkpointing")
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,

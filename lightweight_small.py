@@ -11,10 +11,10 @@ from common import packed_dataset, padded_dataset
 from harness import Technique, session
 
 MODEL = "facebook/opt-350m"
-# compiling costs 1.1-1.5 s of a job with a warm cache (about 11 s cold) and saves 0.023 s a step on an H200
-# (180.0k against 160.0k tokens/s): the default job (10 steps) is sooner without it. It breaks even at about
-# 50-65 steps; 40 was chosen before that was measured, and the benchmark's compiled rows run 40 (NOTES.md, call 35)
-COMPILE_PAYS_FROM_STEPS = 40
+# compiling costs 1.1-1.5 s of a job with a warm cache (about 11 s cold) and saves at most 0.023 s a step on an
+# H200 (180.0k against 160.0k tokens/s, the uncompiled run logged every step): it breaks even at 48-65 steps or
+# later, and the default job (10 steps) is sooner without it (NOTES.md, call 35)
+COMPILE_PAYS_FROM_STEPS = 64
 SIZES = dict(micro_batch=32,           # 32 x 1024 tokens per forward pass keeps the H200 busy
              seq_len=1024,
              tokens_per_step=32768)    # = 32 x 1024, no accumulation; the same slots per step as before_small

@@ -146,6 +146,7 @@ class Run:
         self.autocast_dtype = None  # what the training step autocasts to (TrainingArguments bf16 / fp16)
         self.optim = "adamw_torch"  # for the out-of-memory estimate, until the script names its optimizer
         self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "the script's default"
+        self.offload_unused = "no micro-batch probe"  # why activation offload is off (largest_micro_batch)
 
     def prepare_records(self) -> None:
         """Tokenized training records and held-out blocks; InputError if the corpus cannot fill them."""
@@ -182,34 +183,40 @@ class Run:
         return step_size.accumulation(micro_batch, self.world_size, self.args.seq_len, self.args.tokens_per_step,
                                       "attention_mask" in train_set.column_names, len(train_set), self.train_tokens)
 
-    def largest_micro_batch(self, model, optim: str, autocast: bool, offload=None) -> int:
+    def largest_micro_batch(self, model, optim: str, autocast: bool, set_offload=None) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
         free memory or --gpu-memory-gib (the smallest over the processes of a launch).
 
-        offload: a function that switches activation offload on (True) or off (False). Where the largest
+        set_offload: a function that switches activation offload on (True) or off (False). Where the largest
         micro-batch splits the step, the probe tries twice that with offload on, and leaves it on only if that fits.
+        `offload_unused` then says why it is off (None: on).
         """
         from harness.budget import available_gib
 
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:
             self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "default (no GPU)"
+            self.offload_unused = "no micro-batch probe (--micro-batch given)"
             return args.micro_batch
         budget = args.gpu_memory_gib or available_gib()
         autocast_dtype = self.bf16_or_fp16 if autocast else None
         micro_batch, how = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch)
         if self.world_size > 1:  # every process must agree: the smallest (and so on whether to offload)
             micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
-        if offload is not None and micro_batch < args.micro_batch:
-            offload(True)
+        self.offload_unused = "one micro-batch a step: nothing to halve" if micro_batch >= args.micro_batch else \
+            "not tried"
+        if set_offload is not None and micro_batch < args.micro_batch:
+            set_offload(True)
             larger, how_larger = self.micro_batch_within(model, budget, optim, autocast_dtype, 2 * micro_batch,
                                                          variant="offload")
             if self.world_size > 1:
                 larger = step_size.smallest_over_processes(larger, self.device)
             if larger > micro_batch:
                 micro_batch, how = larger, f"{how_larger}, with the checkpointed activations offloaded to the CPU"
+                self.offload_unused = None
             else:
-                offload(False)  # no larger micro-batch fits with it: not worth its copies
+                set_offload(False)  # no larger micro-batch fits with it: not worth its copies
+                self.offload_unused = f"micro-batch {2 * micro_batch} did not fit with it either"
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
         self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
         return micro_batch

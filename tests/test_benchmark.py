@@ -4,6 +4,7 @@ import json
 import pytest
 
 import benchmark
+import lightweight_small
 
 ROW_KEYS = {"script", "techniques", "ablation", "budget_gib", "micro_batch", "seq_len", "tokens_per_second", "mfu",
             "peak_memory_gib", "train_seconds", "eval_loss", "oom"}
@@ -82,7 +83,7 @@ def test_rows_of_another_gpu_are_kept_unless_replacing_is_asked(tmp_path, monkey
 
 
 def test_only_rows_that_compile_warm_the_compile_cache_first():
-    """A row warms the compile cache when its script compiles and the row does not switch compile off."""
+    """A row warms the compile cache when its script compiles: compile not switched off, and enough steps."""
     import benchmark
 
     rows = {r["name"]: r for r in benchmark.GROUPS["main"]}
@@ -90,3 +91,5 @@ def test_only_rows_that_compile_warm_the_compile_cache_first():
     assert not benchmark.compiles(rows["peer-run_clm"])  # --off compile
     assert not benchmark.compiles(rows["lightweight_big"]) and not benchmark.compiles(rows["before_small"])
     assert not benchmark.compiles(next(r for r in benchmark.GROUPS["ablation_small"] if r["ablation"] == "compile"))
+    short = dict(rows["lightweight_small"], argv=["--max-steps", str(lightweight_small.COMPILE_PAYS_FROM_STEPS - 1)])
+    assert not benchmark.compiles(short)  # too short for the script to compile: nothing to warm

@@ -221,17 +221,19 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
     monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
     for attempt in ("first", "remembered"):
-        tried.clear(), switched.clear()
-        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, offload=switched.append)
+        tried.clear()
+        switched.clear()
+        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, set_offload=switched.append)
         trials = [t for t in tried if t != "empty_cache"]
         if offload_halves_the_peak:
-            assert size == 16 and switched == [True]
+            assert size == 16 and switched == [True] and run.offload_unused is None
             assert run.micro_batch_reason.endswith("with the checkpointed activations offloaded to the CPU")
             # 16 (out of memory) and 8 without offload, then 16 with it; later only the out-of-memory trial again
             assert trials == ([16, 8, 16] if attempt == "first" else [16])
         else:
             assert size == 8 and switched == [True, False]  # tried, and switched off again
             assert "offloaded" not in run.micro_batch_reason
+            assert run.offload_unused == "micro-batch 16 did not fit with it either"
             assert trials == ([16, 8, 16, 8] if attempt == "first" else [16, 16])
 
 
@@ -246,8 +248,8 @@ def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path
     run.main_process = True
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
     switched = []
-    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, offload=switched.append) == 8
-    assert switched == []
+    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, set_offload=switched.append) == 8
+    assert switched == [] and run.offload_unused == "one micro-batch a step: nothing to halve"
 
 
 def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monkeypatch):
