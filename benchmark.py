@@ -158,7 +158,8 @@ def warm_the_compile_cache(spec: dict, argv: list) -> None:
     later windows alike (NOTES.md, call 27; the slow window itself is a garbage collection, calls 26-28). A
     user's first run pays the compilation once; the job rows measure it (cold)."""
     steps = str(lightweight_small.COMPILE_PAYS_FROM_STEPS)
-    warm = [*argv, "--max-steps", steps, "--eval-every", steps, "--output-dir", f"{argv[argv.index('--output-dir') + 1]}-warm"]
+    warm = [*argv, "--max-steps", steps, "--eval-every", steps,
+            "--output-dir", f"{argv[argv.index('--output-dir') + 1]}-warm"]
     print(f"\n=== {spec['name']}: warming the compile cache ({steps} steps)", file=sys.stderr, flush=True)
     subprocess.run([*benchmark_scale.launch_command(spec), *warm], cwd=REPO, check=False)
 

@@ -55,7 +55,8 @@ class ProfileSteps(TrainerCallback):
     def host_lines(self, top: int = 15) -> list[str]:
         """The host's side: seconds by operator (self time), and the longest single events (inclusive)."""
         host = [e for e in self.profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
-        lines = [f"\n## Host time by operator, top {top} (self)\n", "| operator | host seconds | calls |", "|---|---|---|"]
+        lines = [f"\n## Host time by operator, top {top} (self)\n", "| operator | host seconds | calls |",
+                 "|---|---|---|"]
         lines += [f"| `{e.key[:90]}` | {e.self_cpu_time_total / 1e6:.4f} | {e.count} |"
                   for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top]]
         events = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CPU]
