@@ -60,6 +60,18 @@ def simulated_gpu(cache_dir, monkeypatch):
     return run, tried
 
 
+def as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch: int) -> None:
+    """Make the simulated GPU's Run what lightweight_big's probe finds before training: its command line (script's
+    micro-batch `micro_batch`, 1 GiB budget, cache in tmp_path), techniques, config and a GPU name."""
+    from harness.cli import Switches
+
+    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=micro_batch, micro_batch_given=False,
+                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
+    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
+    run.main_process = True  # the one process that writes the remembered peaks
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+
+
 def probe(run) -> int | None:
     try:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -173,14 +185,8 @@ def test_out_of_memory_in_training_ends_with_the_micro_batch_that_fits(tmp_path,
 def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_path, monkeypatch):
     """lightweight_big's probe as on a GPU: the first run tries 16 (out of memory) and 8 (fits); a later run of
     the same recipe tries only 16 again, since a trial that ran out of memory has no peak to remember."""
-    from harness.cli import Switches
-
     run, tried = simulated_gpu
-    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=16, micro_batch_given=False,
-                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
-    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
-    run.main_process = True  # the one process that writes the remembered peaks
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=16)
     trials = lambda: [t[0] for t in tried if t != "empty_cache"]  # noqa: E731
 
     assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True) == 8
@@ -200,14 +206,8 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
                                                                      offload_halves_the_peak):
     """lightweight_big's probe with activation offload to choose: 8 of 16 fits without it; with it on, 16 is tried,
     and offload stays on only if 16 then fits. Its trial peaks are remembered apart from those without it."""
-    from harness.cli import Switches
-
     run, tried = simulated_gpu
-    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=16, micro_batch_given=False,
-                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
-    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
-    run.main_process = True
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=16)
     switched, peak = [], {"bytes": 0}
 
     def loss(hidden, head, labels, fused, vocab_size=None):  # n rows: n / 10 GiB, or n / 20 where offload halves it
@@ -239,14 +239,8 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
 
 def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path, monkeypatch):
     """Where the script's micro-batch fits (one micro-batch per step), offload is never switched on."""
-    from harness.cli import Switches
-
     run, tried = simulated_gpu
-    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=8, micro_batch_given=False,
-                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
-    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
-    run.main_process = True
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=8)
     switched = []
     assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, set_offload=switched.append) == 8
     assert switched == [] and run.offload_unused == "one micro-batch a step: nothing to halve"
