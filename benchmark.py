@@ -155,8 +155,8 @@ def warm_the_compile_cache(spec: dict, argv: list) -> None:
     """Run the row's command for as few steps as compile (lightweight_small.COMPILE_PAYS_FROM_STEPS), so that the
     row measures a warm compile cache, as a user's second run: inductor's first compilation is then no part of it.
     Its effect on the steady figure was small: steps 6-10 at 129k tokens/s with the caches removed, 135k warm,
-    later windows alike (NOTES.md, call 27; the slow window itself is a garbage collection, calls 26-28). A
-    user's first run pays the compilation once; the job rows measure it (cold)."""
+    later windows alike (NOTES.md, call 27; the slow window itself is not explained, calls 25-35). A user's
+    first run pays the compilation once; the job rows measure it (cold)."""
     steps = str(lightweight_small.COMPILE_PAYS_FROM_STEPS)
     warm = [*argv, "--max-steps", steps, "--eval-every", steps,
             "--output-dir", f"{argv[argv.index('--output-dir') + 1]}-warm"]

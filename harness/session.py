@@ -196,7 +196,7 @@ class Run:
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:
             self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "default (no GPU)"
-            self.offload_unused = "no micro-batch probe (--micro-batch given)"
+            self.offload_unused = f"no micro-batch probe ({self.micro_batch_reason})"
             return args.micro_batch
         budget = args.gpu_memory_gib or available_gib()
         autocast_dtype = self.bf16_or_fp16 if autocast else None
