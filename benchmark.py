@@ -91,9 +91,11 @@ GROUPS = {
                    argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
               for k in (24, 20)],
     # lightweight_big under the budgets that split its step, without offload_checkpoints: what the offload gives
-    "offload": [dict(name=f"lightweight_big-{gib}gib-no-offload_checkpoints", script="lightweight_big",
-                     argv=["--max-steps", str(steps), "--gpu-memory-gib", str(gib), "--off", "offload_checkpoints"])
-                for gib, steps in ((4, BIG_STEPS), (2, BIG_STEPS))],
+    # (4 GiB), and whether a refused offload costs anything (2 GiB, and 8 GiB with 20 layers checkpointed)
+    "offload": [dict(name=f"lightweight_big-{gib}gib{setting}-no-offload_checkpoints", script="lightweight_big",
+                     argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", str(gib), *extra,
+                           "--off", "offload_checkpoints"])
+                for gib, setting, extra in ((4, "", []), (2, "", []), (8, "-ckpt20", ["--checkpoint-layers", "20"]))],
     "ablation_small": ablations("lightweight_small", SMALL_STEPS, logging_steps=5),  # logged as its main row
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS, logging_steps=1),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time

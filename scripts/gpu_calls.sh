@@ -13,6 +13,9 @@
 #                                                # lightweight_big at 4 GiB with gc_paused off and on
 #   bash scripts/gpu_calls.sh final OUT    # session 8 (call 35): the four jobs (GPU 0 median of 3 warm runs; GPU 1
 #                                          # before_big), then on GPU 1 lightweight_small's rows with the peer
+#   bash scripts/gpu_calls.sh next OUT     # session 8's leads, not yet run: GPU 0 alone, the small rows at 64 steps
+#                                          # with the peer, the 16 GiB row and step_overlap off; lightweight_big's
+#                                          # budget rows with offload_checkpoints on and off
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
 #                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
@@ -78,6 +81,10 @@ rows_and_jobs)  # session 7's last call: GPU 1 before_big's job; GPU 0 the other
       python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 4 \$sw \
         --output-dir /tmp/big4-\$gc; cp /tmp/big4-\$gc/summary.json $OUT/big4_gc_\${gc}_summary.json; done"
   wait ;;
+next)  # session 8's leads (NOTES.md, "Session 8: where things stand"), GPU 0 with nothing beside it
+  CUDA_VISIBLE_DEVICES=0 python benchmark.py --only main,fast8,offload,ablation_small --runs \
+    lightweight_small,peer-run_clm,lightweight_small-16gib,lightweight_small-no-step_overlap,lightweight_big-4gib,lightweight_big-4gib-no-offload_checkpoints,lightweight_big-2gib,lightweight_big-2gib-no-offload_checkpoints,lightweight_big-8gib-ckpt20,lightweight_big-8gib-ckpt20-no-offload_checkpoints \
+    --out "$OUT/rows.json" --workdir /tmp/rows >"$OUT/rows.log" 2>&1 ;;
 final)  # session 8's last call (NOTES.md, call 35): the four jobs, then the small model's compared rows on GPU 1
   on_gpu 0 jobs_small python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
     --job-warm-runs 3 --out "$OUT/jobs_small.json" --workdir /tmp/jobs0
@@ -142,5 +149,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|offload|final|leads|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|offload|final|next|leads|scale OUT" >&2; exit 2 ;;
 esac
