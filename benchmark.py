@@ -90,12 +90,15 @@ GROUPS = {
     "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
                    argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
               for k in (24, 20)],
-    # lightweight_big under the budgets that split its step, without offload_checkpoints: what the offload gives
-    # (4 GiB), and whether a refused offload costs anything (2 GiB, and 8 GiB with 20 layers checkpointed)
-    "offload": [dict(name=f"lightweight_big-{gib}gib{setting}-no-offload_checkpoints", script="lightweight_big",
-                     argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", str(gib), *extra,
-                           "--off", "offload_checkpoints"])
-                for gib, setting, extra in ((4, "", []), (2, "", []), (8, "-ckpt20", ["--checkpoint-layers", "20"]))],
+    # lightweight_big under the budgets that split its step, each technique that acts there switched off:
+    # offload_checkpoints (what it gives at 4 GiB; whether a refused offload costs anything at 2 GiB and at 8 GiB
+    # with 20 layers checkpointed) and step_overlap (one host synchronization per micro-batch: 2 or 8 a step)
+    "split_step": [dict(name=f"lightweight_big-{gib}gib{setting}-no-{technique}", script="lightweight_big",
+                        argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", str(gib), *extra, "--off", technique])
+                   for technique, settings in (("offload_checkpoints", ((4, "", []), (2, "", []),
+                                                                        (8, "-ckpt20", ["--checkpoint-layers", "20"]))),
+                                               ("step_overlap", ((4, "", []), (2, "", []))))
+                   for gib, setting, extra in settings],
     "ablation_small": ablations("lightweight_small", SMALL_STEPS, logging_steps=5),  # logged as its main row
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS, logging_steps=1),
     "sweep": ["before_small", "lightweight_small", "before_big", "lightweight_big"],  # expanded at run time

@@ -28,6 +28,9 @@ TECHNIQUES = {
     "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
                                needs=("lora",)),
     "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
+    "step_overlap": Technique("the next micro-batch's work queues while the GPU finishes this one: the Trainer's "
+                              "NaN/inf filter of the logged loss, which reads every micro-batch's loss on the host, "
+                              "is off (a NaN loss is then logged as NaN)"),
     # No selective activation checkpointing (keep the matmul outputs, recompute the rest): its policy runs in
     # Python for every op, and the step became CPU-bound: 9.2k tokens/s at 8 GiB against 36.4k (NOTES.md, call 13).
     # No torch.compile of the GPT-Neo blocks: it lost at every budget (8 GiB 37.1k vs 40.1k tokens/s, 4 GiB 19.8k
@@ -54,7 +57,8 @@ TECHNIQUES = {
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
                    "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch", "--off", "gc_paused",
-                   "--off", "offload_checkpoints", "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
+                   "--off", "offload_checkpoints", "--off", "step_overlap",
+                   "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
 
 
 def load_model(weights, on, device, half, checkpoint_layers=None):
@@ -148,6 +152,7 @@ def main(argv=None):
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
             bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,
             tf32=on("tf32"), optim=optim,
+            logging_nan_inf_filter=not on("step_overlap"),  # the filter waited for each micro-batch's loss
             **run.shared_training_arguments(train_set, micro_batch))
         # one shape: an epoch's short last micro-batch ran at 29k tokens/s against 43k, more than its fewer rows
         # explain (call 21); filled to the micro-batch's shape it ran at 41k (call 22; NOTES.md)

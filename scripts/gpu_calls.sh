@@ -13,9 +13,9 @@
 #                                                # lightweight_big at 4 GiB with gc_paused off and on
 #   bash scripts/gpu_calls.sh final OUT    # session 8 (call 35): the four jobs (GPU 0 median of 3 warm runs; GPU 1
 #                                          # before_big), then on GPU 1 lightweight_small's rows with the peer
-#   bash scripts/gpu_calls.sh next OUT     # session 8's leads, not yet run: GPU 0 alone, the small rows at 64 steps
-#                                          # with the peer, the 16 GiB row and step_overlap off; lightweight_big's
-#                                          # budget rows with offload_checkpoints on and off
+#   bash scripts/gpu_calls.sh rows9 OUT    # session 9 (call 36): GPU 0 the rows issues 13 and 16 compare (small
+#                                          # rows at 64 steps, the peer, 16 GiB, lightweight_big's budgets); GPU 1
+#                                          # their A/B twins, then profiles of the rows that miss their targets
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
 #                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
@@ -81,10 +81,24 @@ rows_and_jobs)  # session 7's last call: GPU 1 before_big's job; GPU 0 the other
       python lightweight_big.py --init random --wandb off --no-checkpoints --max-steps 12 --gpu-memory-gib 4 \$sw \
         --output-dir /tmp/big4-\$gc; cp /tmp/big4-\$gc/summary.json $OUT/big4_gc_\${gc}_summary.json; done"
   wait ;;
-next)  # session 8's leads (NOTES.md, "Session 8: where things stand"), GPU 0 with nothing beside it
-  CUDA_VISIBLE_DEVICES=0 python benchmark.py --only main,fast8,offload,ablation_small --runs \
-    lightweight_small,peer-run_clm,lightweight_small-16gib,lightweight_small-no-step_overlap,lightweight_big-4gib,lightweight_big-4gib-no-offload_checkpoints,lightweight_big-2gib,lightweight_big-2gib-no-offload_checkpoints,lightweight_big-8gib-ckpt20,lightweight_big-8gib-ckpt20-no-offload_checkpoints \
-    --out "$OUT/rows.json" --workdir /tmp/rows >"$OUT/rows.log" 2>&1 ;;
+rows9)  # session 9 (call 36): GPU 0 the rows issues 13 and 16 compare; GPU 1 beside it the A/B twins of the
+  # budget rows (offload_checkpoints, step_overlap; 2 GiB again), then profiles of the rows that miss their targets
+  on_gpu 0 rows python benchmark.py --only main,fast8,ablation_small --runs \
+    lightweight_small,peer-run_clm,lightweight_small-16gib,lightweight_small-no-step_overlap,lightweight_big,lightweight_big-8gib-ckpt24,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora \
+    --out "$OUT/rows.json" --workdir /tmp/rows
+  on_gpu 1 twins bash -c "python benchmark.py --only main,split_step --runs \
+    lightweight_big-2gib-no-offload_checkpoints,lightweight_big-2gib,lightweight_big-2gib-no-step_overlap,lightweight_big-4gib-no-offload_checkpoints,lightweight_big-4gib-no-step_overlap,lightweight_big-8gib-ckpt20-no-offload_checkpoints \
+      --out $OUT/twins.json --workdir /tmp/twins
+    Q='--init random --wandb off --no-checkpoints'
+    python lightweight_big.py \$Q --max-steps 8 --gpu-memory-gib 2 --profile $OUT/profile-big2 --output-dir /tmp/pb2
+    python lightweight_big.py \$Q --max-steps 8 --gpu-memory-gib 8 --profile $OUT/profile-big8 --output-dir /tmp/pb8
+    python lightweight_small.py \$Q --max-steps 64 --logging-steps 5 --output-dir /tmp/ps-warm
+    python lightweight_small.py \$Q --max-steps 64 --logging-steps 5 --profile $OUT/profile-small --profile-first 40 \
+      --output-dir /tmp/ps"
+  wait
+  rm -f "$OUT"/profile-*/trace.json.gz
+  tar -czf "$OUT/logs.tgz" -C "$OUT" rows.log twins.log profile-big2 profile-big8 profile-small \
+    && rm -rf "$OUT"/*.log "$OUT"/profile-* ;;  # few files come back from the device
 final)  # session 8's last call (NOTES.md, call 35): the four jobs, then the small model's compared rows on GPU 1
   on_gpu 0 jobs_small python benchmark.py --only job --runs job-before_small,job-lightweight_small,job-lightweight_big \
     --job-warm-runs 3 --out "$OUT/jobs_small.json" --workdir /tmp/jobs0
@@ -96,7 +110,7 @@ final)  # session 8's last call (NOTES.md, call 35): the four jobs, then the sma
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"
-  python benchmark.py --only main,fast8,offload --runs \
+  python benchmark.py --only main,fast8,split_step --runs \
     lightweight_small,lightweight_small-16gib,peer-run_clm,lightweight_big,lightweight_big-8gib-ckpt24,lightweight_big-8gib-ckpt20,lightweight_big-4gib,lightweight_big-2gib,reference_qlora,lightweight_big-4gib-no-offload_checkpoints,lightweight_big-2gib-no-offload_checkpoints \
     --out "$OUT/rows.json" --workdir /tmp/rows >"$OUT/rows.log" 2>&1
   # the slow window: the row's command logged every step, then with steps 9-10 profiled, each after the warm-up

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import lightweight_big
 import lightweight_small
 from conftest import TINY
 from wandb_records import read_offline_run
@@ -108,16 +109,18 @@ def test_steps_after_the_last_log_are_counted(tmp_path, cache_dir):
     assert summary["tokens_trained"] == 5 * 8 * 63
 
 
+@pytest.mark.parametrize("script", [lightweight_small, lightweight_big])
 @pytest.mark.parametrize("argv, filtered", [([], False), (["--off", "step_overlap"], True)])
-def test_step_overlap_turns_off_the_loss_nan_filter_on_the_host(argv, filtered, tmp_path, cache_dir, monkeypatch):
-    """lightweight_small's step_overlap: the Trainer's NaN/inf filter, which reads every micro-batch's loss on the
-    host (a synchronization), is off; the peer row (--off step_overlap) keeps the library default."""
+def test_step_overlap_turns_off_the_loss_nan_filter_on_the_host(script, argv, filtered, tmp_path, cache_dir,
+                                                               monkeypatch):
+    """step_overlap: the Trainer's NaN/inf filter, which reads every micro-batch's loss on the host (a
+    synchronization), is off; the peer and reference rows (--off step_overlap) keep the library default."""
     from harness.session import Run
 
     seen = {}
     monkeypatch.setattr(Run, "train", lambda self, model, training_args, *a, **kw: seen.update(args=training_args))
-    lightweight_small.main([*TINY, "--max-steps", "1", "--wandb", "off", "--no-checkpoints", *argv,
-                            "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
+    script.main([*TINY, "--max-steps", "1", "--wandb", "off", "--no-checkpoints", *argv,
+                 "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir)])
     assert seen["args"].logging_nan_inf_filter is filtered
 
 
