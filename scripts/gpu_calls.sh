@@ -16,6 +16,8 @@
 #   bash scripts/gpu_calls.sh rows9 OUT    # session 9 (call 36): GPU 0 the rows issues 13 and 16 compare (small
 #                                          # rows at 64 steps, the peer, 16 GiB, lightweight_big's budgets); GPU 1
 #                                          # their A/B twins, then profiles of the rows that miss their targets
+#   bash scripts/gpu_calls.sh alone9 OUT   # session 9 (call 38), one H200: the 16 GiB row with step_overlap on and
+#                                          # off; the 8 GiB 20-layer row with and without offload_checkpoints
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
 #                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
@@ -107,6 +109,15 @@ final)  # session 8's last call (NOTES.md, call 35): the four jobs, then the sma
       --out $OUT/rows.json --workdir /tmp/rows"
   wait
   tar -czf "$OUT/logs.tgz" -C "$OUT" jobs_small.log gpu1.log ;;
+alone9)  # session 9 (call 38): one H200, nothing beside it: the 16 GiB row (and step_overlap off there), and the
+  # 8 GiB 20-layer row with and without offload_checkpoints one after the other (call 36 ran them on two GPUs)
+  python benchmark.py --only main,fast8,split_step --runs \
+    lightweight_small-16gib,lightweight_big-8gib-ckpt20,lightweight_big-8gib-ckpt20-no-offload_checkpoints \
+    --out "$OUT/alone.json" --workdir /tmp/alone >"$OUT/alone.log" 2>&1
+  python lightweight_small.py --init random --wandb off --no-checkpoints --max-steps 64 --logging-steps 5 \
+    --gpu-memory-gib 16 --off step_overlap --output-dir /tmp/small16-nso >>"$OUT/alone.log" 2>&1
+  cp /tmp/small16-nso/summary.json "$OUT/small16_no_step_overlap_summary.json"
+  gzip "$OUT/alone.log" ;;
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"
