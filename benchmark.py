@@ -53,9 +53,9 @@ SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tok
 
 def ablations(script, steps, logging_steps):
     techniques = importlib.import_module(script).TECHNIQUES
-    # nf4 cannot train without lora; auto_micro_batch and offload_checkpoints act under a budget: see the budget
-    # and offload rows (uncapped, offload is never used)
-    skip = {"lora", "auto_micro_batch", "offload_checkpoints"}
+    # nf4 cannot train without lora; auto_micro_batch, offload_checkpoints and checkpoint_to_fit act under a
+    # budget: see the budget and split_step rows (uncapped, the last two are never used)
+    skip = {"lora", "auto_micro_batch", "offload_checkpoints", "checkpoint_to_fit"}
     return [dict(name=f"{script}-no-{t}", script=script, ablation=t,
                  argv=["--max-steps", str(steps), "--eval-every", str(steps), "--logging-steps", str(logging_steps),
                        "--off", t])
@@ -90,14 +90,18 @@ GROUPS = {
     "fast8": [dict(name=f"lightweight_big-8gib-ckpt{k}", script="lightweight_big",
                    argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", "8", "--checkpoint-layers", str(k)])
               for k in (24, 20)],
-    # lightweight_big under the budgets that split its step, each technique that acts there switched off:
+    # the budgets that split a step, each technique that acts there switched off: lightweight_big's
     # offload_checkpoints (what it gives at 4 GiB; whether a refused offload costs anything at 2 GiB and at 8 GiB
-    # with 20 layers checkpointed) and step_overlap (one host synchronization per micro-batch: 2 or 8 a step)
-    "split_step": [dict(name=f"lightweight_big-{gib}gib{setting}-no-{technique}", script="lightweight_big",
-                        argv=["--max-steps", str(BIG_STEPS), "--gpu-memory-gib", str(gib), *extra, "--off", technique])
-                   for technique, settings in (("offload_checkpoints", ((4, "", []), (2, "", []),
-                                                                        (8, "-ckpt20", ["--checkpoint-layers", "20"]))),
-                                               ("step_overlap", ((4, "", []), (2, "", []))))
+    # with 20 layers checkpointed) and step_overlap (one host synchronization per micro-batch: 2 or 8 a step);
+    # lightweight_small's checkpoint_to_fit at 16 and 8 GiB
+    "split_step": [dict(name=f"{script}-{gib}gib{setting}-no-{technique}", script=script,
+                        argv=[*steps, "--gpu-memory-gib", str(gib), *extra, "--off", technique])
+                   for script, steps, technique, settings in (
+                       ("lightweight_big", ["--max-steps", str(BIG_STEPS)], "offload_checkpoints",
+                        ((4, "", []), (2, "", []), (8, "-ckpt20", ["--checkpoint-layers", "20"]))),
+                       ("lightweight_big", ["--max-steps", str(BIG_STEPS)], "step_overlap", ((4, "", []), (2, "", []))),
+                       ("lightweight_small", ["--max-steps", str(SMALL_STEPS), "--logging-steps", "5"],
+                        "checkpoint_to_fit", ((16, "", []), (8, "", []))))
                    for gib, setting, extra in settings],
     "ablation_small": ablations("lightweight_small", SMALL_STEPS, logging_steps=5),  # logged as its main row
     "ablation_big": ablations("lightweight_big", ABLATION_STEPS, logging_steps=1),

@@ -9,7 +9,7 @@ import functools
 import gc
 
 from common import packed_dataset, padded_dataset
-from harness import Technique, session
+from harness import LeanerMemory, Technique, session
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
 SIZES = dict(micro_batch=32,           # one micro-batch per step: its host work (peft, bitsandbytes, recompute) is
@@ -22,8 +22,8 @@ TECHNIQUES = {
     "lora": Technique(f"rank-{LORA_RANK} adapters on every attention and MLP projection; the base is frozen (peft)"),
     "grad_checkpointing": Technique("recompute activations in backward (--checkpoint-layers: how many layers)"),
     "offload_checkpoints": Technique("where the memory splits a step into micro-batches: the checkpointed blocks' "
-                                     "inputs wait in pinned CPU memory, if a micro-batch twice as large then fits "
-                                     "(half the micro-batches, half their host work)", cuda_only=True),
+                                     "inputs wait in pinned CPU memory, if a micro-batch at least twice as large "
+                                     "then fits (the largest that does: fewer micro-batches, less host work)", cuda_only=True),
     "paged_adamw_8bit": Technique("8-bit AdamW states, paged to the CPU under pressure (bitsandbytes)"),
     "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
                                needs=("lora",)),
@@ -139,14 +139,15 @@ def main(argv=None):
         autocast = on("bf16") or half == torch.float16
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):
-            set_offload = None
+            offload = None
             if on("offload_checkpoints") and on("grad_checkpointing"):  # a split step is bound by each
                 # micro-batch's host work (peft, bitsandbytes, launches), whatever its rows: half as many
                 # micro-batches are worth a copy of each block's input to the CPU and back
-                set_offload = functools.partial(checkpoint_blocks, model, checkpoint_layers)
-            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast, set_offload=set_offload)
-        if on("offload_checkpoints") and run.offload_unused:  # the record says it was not used, and why
-            on.skip("offload_checkpoints", run.offload_unused if on("grad_checkpointing") else
+                offload = LeanerMemory(functools.partial(checkpoint_blocks, model, checkpoint_layers),
+                                       "with the checkpointed activations offloaded to the CPU", variant="offload")
+            micro_batch = run.largest_micro_batch(model, optim, autocast=autocast, leaner=offload)
+        if on("offload_checkpoints") and run.leaner_unused:  # the record says it was not used, and why
+            on.skip("offload_checkpoints", run.leaner_unused if on("grad_checkpointing") else
                     "needs grad_checkpointing")
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),

@@ -5,10 +5,11 @@ is one guarded block below; `--off NAME` switches one off (the ablation).
 
     python lightweight_small.py --help
 """
+import functools
 import gc
 
 from common import packed_dataset, padded_dataset
-from harness import Technique, session
+from harness import LeanerMemory, Technique, session
 
 MODEL = "facebook/opt-350m"
 # compiling costs 1.1-1.5 s of a job with a warm cache (about 11 s cold) and saves at most 0.023 s a step on an
@@ -32,6 +33,9 @@ TECHNIQUES = {
                               "(a NaN loss is then logged as NaN)"),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
                                   "accumulation keeps the tokens per step", cuda_only=True),
+    "checkpoint_to_fit": Technique("where the memory splits a step into 4 or more micro-batches: every decoder layer "
+                                   "recomputed in backward, if a micro-batch at least twice as large then fits "
+                                   "(the largest that does: fewer micro-batches, less host work)", cuda_only=True),
     "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
                            "training, setup's objects frozen and the new ones collected every 50 steps, between steps",
                            at_start=gc.disable),
@@ -50,6 +54,14 @@ def load_model(weights, on, device):
     return model.to(device)
 
 
+def checkpoint_layers(model, recompute: bool) -> None:
+    """Every decoder layer recomputed in backward (its compiled graph too), or none."""
+    if recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def main(argv=None):
     with session("lightweight_small", MODEL, TECHNIQUES, argv, **SIZES) as run:
         import torch
@@ -59,7 +71,15 @@ def main(argv=None):
         model = load_model(run.weights, on, run.device)
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):  # a 16 or 24 GiB GPU takes a smaller one than the H200's 32
-            micro_batch = run.largest_micro_batch(model, "adamw_torch_fused", autocast=on("bf16"))
+            recompute = None
+            if on("checkpoint_to_fit"):  # 8 rows of 32 (16 GiB): the step was bound by each micro-batch's host work
+                recompute = LeanerMemory(functools.partial(checkpoint_layers, model),
+                                         "with every layer recomputed in backward", variant="checkpointed",
+                                         from_split=4)  # 2 a step (16 rows, 24 GiB): predicted to cost
+                # more than it saves, the step is then near the GPU's bound (NOTES.md, session 9)
+            micro_batch = run.largest_micro_batch(model, "adamw_torch_fused", autocast=on("bf16"), leaner=recompute)
+        if on("checkpoint_to_fit") and run.leaner_unused:  # the record says it was not used, and why
+            on.skip("checkpoint_to_fit", run.leaner_unused)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = packed_dataset(run.train_records, run.args.seq_len)
         else:

@@ -12,6 +12,6 @@
 - garbage: Python's garbage collector between optimizer steps (the lightweight scripts' gc_paused)
 """
 from harness.cli import Technique
-from harness.session import session
+from harness.session import LeanerMemory, session
 
-__all__ = ["Technique", "session"]
+__all__ = ["LeanerMemory", "Technique", "session"]

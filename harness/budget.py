@@ -114,8 +114,9 @@ def check_cpu_memory(script: str, model_id: str, config, frozen_base: bool, proc
 
 
 def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, optim: str, autocast_dtype,
-                       device, known_peaks: dict[int, int] | None = None) -> int:
-    """The largest micro-batch (halving from `largest`) whose forward and backward fit the budget.
+                       device, known_peaks: dict[int, int] | None = None, smallest: int = 1) -> int:
+    """The largest micro-batch (halving from `largest`, down to `smallest`) whose forward and backward fit the
+    budget; 0 if none of them fits and `smallest` is above 1 (at 1, running out of memory raises).
 
     Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
     Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
@@ -165,6 +166,8 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
         if micro in known_peaks and (before + known_peaks[micro] <= headroom or micro == 1):
             return micro
         micro //= 2
+        if micro < smallest:
+            return 0
 
 
 def load_trial_peaks(path: Path, recipe: str) -> dict[int, int]:

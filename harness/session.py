@@ -8,6 +8,7 @@ After it, whatever happened: summary.json, the end of the W&B run, and the exit 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import common
 from harness import step_size
@@ -25,6 +27,21 @@ from harness.outcome import end_the_process, exit_as_the_outcome_says
 from harness.signals import find_checkpoint
 
 GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class LeanerMemory:
+    """A way to hold fewer activations that costs time on every micro-batch, for the micro-batch probe
+    (`Run.largest_micro_batch`): worth it only where the memory splits the step into `from_split` or more
+    micro-batches, each paying its host work (launches, Python), and where it then fits one at least twice as large.
+
+    switch: turns it on (True) or off (False) on the model. how: what the console line adds when it is used.
+    variant: its trials' peaks are remembered apart from those without it.
+    """
+    switch: Callable[[bool], None]
+    how: str
+    variant: str
+    from_split: int = 2
 
 
 @contextlib.contextmanager
@@ -146,7 +163,7 @@ class Run:
         self.autocast_dtype = None  # what the training step autocasts to (TrainingArguments bf16 / fp16)
         self.optim = "adamw_torch"  # for the out-of-memory estimate, until the script names its optimizer
         self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "the script's default"
-        self.offload_unused = "no micro-batch probe"  # why activation offload is off (largest_micro_batch)
+        self.leaner_unused = "no micro-batch probe"  # why a LeanerMemory is off (largest_micro_batch)
 
     def prepare_records(self) -> None:
         """Tokenized training records and held-out blocks; InputError if the corpus cannot fill them."""
@@ -183,48 +200,51 @@ class Run:
         return step_size.accumulation(micro_batch, self.world_size, self.args.seq_len, self.args.tokens_per_step,
                                       "attention_mask" in train_set.column_names, len(train_set), self.train_tokens)
 
-    def largest_micro_batch(self, model, optim: str, autocast: bool, set_offload=None) -> int:
+    def largest_micro_batch(self, model, optim: str, autocast: bool, leaner: LeanerMemory | None = None) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
         free memory or --gpu-memory-gib (the smallest over the processes of a launch).
 
-        set_offload: a function that switches activation offload on (True) or off (False). Where the largest
-        micro-batch splits the step, the probe tries twice that with offload on, and leaves it on only if that fits.
-        `offload_unused` then says why it is off (None: on).
+        leaner: where that micro-batch splits the step into `leaner.from_split` or more, the probe switches it on
+        and looks again, halving from the script's micro-batch down to twice the one without it; it stays on only
+        if one of those fits. `leaner_unused` then says why it is off (None: on).
         """
         from harness.budget import available_gib
 
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:
             self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "default (no GPU)"
-            self.offload_unused = f"no micro-batch probe ({self.micro_batch_reason})"
+            self.leaner_unused = f"no micro-batch probe ({self.micro_batch_reason})"
             return args.micro_batch
         budget = args.gpu_memory_gib or available_gib()
         autocast_dtype = self.bf16_or_fp16 if autocast else None
         micro_batch, how = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch)
-        if self.world_size > 1:  # every process must agree: the smallest (and so on whether to offload)
+        if self.world_size > 1:  # every process must agree: the smallest (and so on whether to use `leaner`)
             micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
-        self.offload_unused = "one micro-batch a step: nothing to halve" if micro_batch >= args.micro_batch else \
-            "not tried"
-        if set_offload is not None and micro_batch < args.micro_batch:
-            set_offload(True)
-            larger, how_larger = self.micro_batch_within(model, budget, optim, autocast_dtype, 2 * micro_batch,
-                                                         variant="offload")
+        split = args.micro_batch // micro_batch
+        self.leaner_unused = ("one micro-batch a step: nothing to halve" if split <= 1 else
+                              f"{split} micro-batches a step; tried from {leaner.from_split}" if leaner else
+                              "not tried")
+        if leaner is not None and split >= leaner.from_split:
+            leaner.switch(True)
+            larger, how_larger = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch,
+                                                         variant=leaner.variant, smallest=2 * micro_batch)
             if self.world_size > 1:
                 larger = step_size.smallest_over_processes(larger, self.device)
             if larger > micro_batch:
-                micro_batch, how = larger, f"{how_larger}, with the checkpointed activations offloaded to the CPU"
-                self.offload_unused = None
+                micro_batch, how = larger, f"{how_larger}, {leaner.how}"
+                self.leaner_unused = None
             else:
-                set_offload(False)  # no larger micro-batch fits with it: not worth its copies
-                self.offload_unused = f"micro-batch {2 * micro_batch} did not fit with it either"
+                leaner.switch(False)  # no larger micro-batch fits with it: not worth its cost
+                self.leaner_unused = f"micro-batch {2 * micro_batch} did not fit with it either"
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
         self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
         return micro_batch
 
     def micro_batch_within(self, model, budget: float, optim: str, autocast_dtype, largest: int,
-                           variant: str = "") -> tuple[int, str]:
-        """(the largest micro-batch, halving from `largest`, whose trial step fits 90% of `budget` GiB; how that
-        was found). variant: what else the trial's peak depends on (part of the recipe its peaks are kept under)."""
+                           variant: str = "", smallest: int = 1) -> tuple[int, str]:
+        """(the largest micro-batch, halving from `largest` down to `smallest`, whose trial step fits 90% of `budget`
+        GiB, 0 if none; how that was found). variant: what else the trial's peak depends on (part of the recipe its
+        peaks are kept under)."""
         from harness.budget import choose_micro_batch, load_trial_peaks, save_trial_peaks
 
         # a trial step's peak is the same on every run of this recipe on this GPU: remembered in --cache-dir, a
@@ -234,7 +254,7 @@ class Run:
         peaks = load_trial_peaks(peaks_file, recipe)
         remembered = set(peaks)
         micro_batch = choose_micro_batch(model, largest, self.args.seq_len, budget, optim, autocast_dtype,
-                                         self.device, known_peaks=peaks)
+                                         self.device, known_peaks=peaks, smallest=smallest)
         if self.main_process and set(peaks) != remembered:  # one writer per launch, and only what is new
             save_trial_peaks(peaks_file, recipe, peaks)
         return micro_batch, (f"its trial's peak remembered in {peaks_file}" if micro_batch in remembered

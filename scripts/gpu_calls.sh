@@ -18,6 +18,8 @@
 #                                          # their A/B twins, then profiles of the rows that miss their targets
 #   bash scripts/gpu_calls.sh alone9 OUT   # session 9 (call 38), one H200: the 16 GiB row with step_overlap on and
 #                                          # off; the 8 GiB 20-layer row with and without offload_checkpoints
+#   bash scripts/gpu_calls.sh budgets9 OUT # session 9 (call 39), one H200: lightweight_small under 16 and 8 GiB with
+#                                          # checkpoint_to_fit on and off
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
 #                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
@@ -118,6 +120,11 @@ alone9)  # session 9 (call 38): one H200, nothing beside it: the 16 GiB row (and
     --gpu-memory-gib 16 --off step_overlap --output-dir /tmp/small16-nso >>"$OUT/alone.log" 2>&1
   cp /tmp/small16-nso/summary.json "$OUT/small16_no_step_overlap_summary.json"
   gzip "$OUT/alone.log" ;;
+budgets9)  # session 9 (call 39): one H200: lightweight_small under 16 and 8 GiB, checkpoint_to_fit on and off
+  python benchmark.py --only main,split_step --runs \
+    lightweight_small-16gib,lightweight_small-8gib,lightweight_small-16gib-no-checkpoint_to_fit,lightweight_small-8gib-no-checkpoint_to_fit \
+    --out "$OUT/budgets.json" --workdir /tmp/budgets >"$OUT/budgets.log" 2>&1
+  gzip "$OUT/budgets.log" ;;
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"

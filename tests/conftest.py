@@ -36,6 +36,8 @@ def isolated(monkeypatch, tmp_path):
 
 def tiny_script_model(script, cache_dir, off=(), seed=42, on=()):
     """(model, source): `script.load_model` on the tiny model of its architecture, on the CPU."""
+    import inspect
+
     import torch
 
     import common
@@ -47,7 +49,8 @@ def tiny_script_model(script, cache_dir, off=(), seed=42, on=()):
     on = Switches(script.TECHNIQUES, off=off, on=on)
     on.skip_cuda_only("CUDA only")
     torch.manual_seed(seed)
-    return script.load_model(weights, on, torch.device("cpu"), torch.bfloat16), source
+    half = (torch.bfloat16,) if "half" in inspect.signature(script.load_model).parameters else ()  # lightweight_big's
+    return script.load_model(weights, on, torch.device("cpu"), *half), source
 
 
 def output_head(weight):

@@ -3,6 +3,7 @@
 There is no GPU in the tests: `Run.micro_batch_that_fits` is run as on one CUDA GPU, with CUDA's allocator
 simulated on the CPU (as in test_models' probe test): a trial of too many sequences raises OutOfMemoryError.
 """
+import functools
 import json
 import weakref
 from types import SimpleNamespace
@@ -14,8 +15,9 @@ import lightweight_big
 import lightweight_small
 from conftest import TINY, tiny_script_model
 from harness import budget
+from harness.cli import Switches
 from harness.loss import lm_loss_sum
-from harness.session import Run
+from harness.session import LeanerMemory, Run
 
 ESTIMATE = {"weights": 1.2, "gradients": 1.2, "optimizer states": 2.5}
 
@@ -70,6 +72,11 @@ def as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch: int) -> No
     run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
     run.main_process = True  # the one process that writes the remembered peaks
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+
+
+def offload(switched: list) -> LeanerMemory:
+    """lightweight_big's offload as the probe sees it, each switch appended to `switched`."""
+    return LeanerMemory(switched.append, "with the checkpointed activations offloaded to the CPU", variant="offload")
 
 
 def probe(run) -> int | None:
@@ -223,18 +230,18 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
     for attempt in ("first", "remembered"):
         tried.clear()
         switched.clear()
-        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, set_offload=switched.append)
+        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(switched))
         trials = [t for t in tried if t != "empty_cache"]
         if offload_halves_the_peak:
-            assert size == 16 and switched == [True] and run.offload_unused is None
+            assert size == 16 and switched == [True] and run.leaner_unused is None
             assert run.micro_batch_reason.endswith("with the checkpointed activations offloaded to the CPU")
             # 16 (out of memory) and 8 without offload, then 16 with it; later only the out-of-memory trial again
             assert trials == ([16, 8, 16] if attempt == "first" else [16])
         else:
             assert size == 8 and switched == [True, False]  # tried, and switched off again
             assert "offloaded" not in run.micro_batch_reason
-            assert run.offload_unused == "micro-batch 16 did not fit with it either"
-            assert trials == ([16, 8, 16, 8] if attempt == "first" else [16, 16])
+            assert run.leaner_unused == "micro-batch 16 did not fit with it either"
+            assert trials == ([16, 8, 16] if attempt == "first" else [16, 16])  # nothing under 16 with it
 
 
 def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path, monkeypatch):
@@ -242,8 +249,8 @@ def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path
     run, tried = simulated_gpu
     as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=8)
     switched = []
-    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, set_offload=switched.append) == 8
-    assert switched == [] and run.offload_unused == "one micro-batch a step: nothing to halve"
+    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(switched)) == 8
+    assert switched == [] and run.leaner_unused == "one micro-batch a step: nothing to halve"
 
 
 def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monkeypatch):
@@ -268,3 +275,63 @@ def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monke
         model(input_ids=ids, labels=ids).loss.backward()
         assert packed.count((2, 16, model.config.hidden_size)) == hidden_states_packed
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("script_micro_batch, tried_with_recompute", [(32, True), (16, False)])
+def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch, cache_dir,
+                                                                        script_micro_batch, tried_with_recompute):
+    """lightweight_small's checkpoint_to_fit through the probe: 8 rows fit without it, 16 with every layer
+    recomputed (the simulated peak halves while the model checkpoints). Of 32 rows a step (4 micro-batches) it is
+    tried from 32 down and kept at 16; of 16 (2 micro-batches) never tried."""
+    run, tried = simulated_gpu
+    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=script_micro_batch)
+    run.model, _ = tiny_script_model(lightweight_small, cache_dir)
+    run.script, run.on = "lightweight_small", Switches(lightweight_small.TECHNIQUES)
+    peak = {"bytes": 0}
+
+    def loss(hidden, head, labels, fused, vocab_size=None):
+        rows, recomputing = hidden.shape[0], run.model.is_gradient_checkpointing
+        tried.append((rows, recomputing))
+        if rows > (24 if recomputing else 12):
+            raise torch.OutOfMemoryError("simulated")
+        peak["bytes"] = rows / (20 if recomputing else 10) * budget.GIB
+        return lm_loss_sum(hidden, head, labels, fused, vocab_size)
+
+    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+    recompute = LeanerMemory(functools.partial(lightweight_small.checkpoint_layers, run.model),
+                             "with every layer recomputed in backward", variant="checkpointed", from_split=4)
+    size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True, leaner=recompute)
+    trials = [t for t in tried if t != "empty_cache"]
+    if tried_with_recompute:
+        assert size == 16 and run.model.is_gradient_checkpointing and run.leaner_unused is None
+        assert trials == [(32, False), (16, False), (8, False), (32, True), (16, True)]
+        assert run.micro_batch_reason.endswith("with every layer recomputed in backward")
+    else:
+        assert size == 8 and not run.model.is_gradient_checkpointing
+        assert trials == [(16, False), (8, False)]
+        assert run.leaner_unused == "2 micro-batches a step; tried from 4"
+
+
+def test_recomputed_layers_give_the_gradients_stored_ones_give(cache_dir):
+    """checkpoint_layers: with every OPT layer recomputed in backward (dropout on), the loss and every gradient
+    equal those of the model that stores its activations; switched off again, nothing is recomputed."""
+    model, _ = tiny_script_model(lightweight_small, cache_dir)
+    model.train()
+    ids = torch.randint(0, 100, (2, 16))
+
+    def loss_and_gradients():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    stored = loss_and_gradients()
+    lightweight_small.checkpoint_layers(model, True)
+    assert model.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in model.model.decoder.layers)
+    recomputed = loss_and_gradients()
+    assert recomputed[0] == pytest.approx(stored[0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(recomputed[1], stored[1]))
+    lightweight_small.checkpoint_layers(model, False)
+    assert not any(layer.gradient_checkpointing for layer in model.model.decoder.layers)
