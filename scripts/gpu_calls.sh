@@ -20,6 +20,8 @@
 #                                          # off; the 8 GiB 20-layer row with and without offload_checkpoints
 #   bash scripts/gpu_calls.sh budgets9 OUT # session 9 (call 39), one H200: lightweight_small under 16 and 8 GiB with
 #                                          # checkpoint_to_fit on and off
+#   bash scripts/gpu_calls.sh ddp9 OUT     # issue 11's lead, not yet run: lightweight_small on 1 and 2 GPUs logged
+#                                          # every step and every 5, and a profile of each
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
 #                                          # steps 9-10 (the slow window) and of lightweight_big under 4 GiB
@@ -125,6 +127,22 @@ budgets9)  # session 9 (call 39): one H200: lightweight_small under 16 and 8 GiB
     lightweight_small-16gib,lightweight_small-8gib,lightweight_small-16gib-no-checkpoint_to_fit,lightweight_small-8gib-no-checkpoint_to_fit \
     --out "$OUT/budgets.json" --workdir /tmp/budgets >"$OUT/budgets.log" 2>&1
   gzip "$OUT/budgets.log" ;;
+ddp9)  # issue 11's lead, not yet run (2 x H200): lightweight_small on 1 and 2 GPUs logged every 5 steps (how much of
+  # the 1.86x is the per-step log's synchronization), and steps 40-41 of each profiled (rank 0's view)
+  A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64"
+  for n in 1 2; do
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/ddp-warm >/dev/null 2>&1
+    for log in 1 5; do
+      torchrun --standalone --nproc_per_node $n lightweight_small.py $A --logging-steps $log --output-dir /tmp/ddp$n-$log \
+        >"$OUT/ddp${n}_log$log.log" 2>&1
+      cp /tmp/ddp$n-$log/summary.json "$OUT/ddp${n}_log${log}_summary.json"
+    done
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --logging-steps 1 --profile "$OUT/profile-ddp$n" \
+      --profile-first 40 --output-dir /tmp/ddp$n-prof >"$OUT/ddp${n}_profile.log" 2>&1
+  done
+  rm -f "$OUT"/profile-*/trace.json.gz
+  tar -czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz --exclude "*_summary.json" . \
+    && rm -rf "$OUT"/*.log "$OUT"/profile-* ;;  # few files come back from the device
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"
