@@ -62,6 +62,15 @@ def checkpoint_layers(model, recompute: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def recompute_to_fit(model) -> LeanerMemory:
+    """checkpoint_to_fit, as the micro-batch probe tries it: from 4 micro-batches a step, which are bound by each one's
+    host work (16 GiB: 8 rows x 4, 88.7k tokens/s; recomputed, 32 x 1: 148.0k; NOTES.md, call 39). At 2 (24 GiB,
+    16 x 2) the recompute's third more GPU work is predicted to cost about what one micro-batch less saves (not
+    measured)."""
+    return LeanerMemory(functools.partial(checkpoint_layers, model), "with every layer recomputed in backward",
+                        variant="checkpointed", from_split=4)
+
+
 def main(argv=None):
     with session("lightweight_small", MODEL, TECHNIQUES, argv, **SIZES) as run:
         import torch
@@ -71,12 +80,7 @@ def main(argv=None):
         model = load_model(run.weights, on, run.device)
         micro_batch = run.args.micro_batch
         if on("auto_micro_batch"):  # a 16 or 24 GiB GPU takes a smaller one than the H200's 32
-            recompute = None
-            if on("checkpoint_to_fit"):  # 8 rows of 32 (16 GiB): the step was bound by each micro-batch's host work
-                recompute = LeanerMemory(functools.partial(checkpoint_layers, model),
-                                         "with every layer recomputed in backward", variant="checkpointed",
-                                         from_split=4)  # 2 a step (16 rows, 24 GiB): predicted to cost
-                # more than it saves, the step is then near the GPU's bound (NOTES.md, session 9)
+            recompute = recompute_to_fit(model) if on("checkpoint_to_fit") else None
             micro_batch = run.largest_micro_batch(model, "adamw_torch_fused", autocast=on("bf16"), leaner=recompute)
         if on("checkpoint_to_fit") and run.leaner_unused:  # the record says it was not used, and why
             on.skip("checkpoint_to_fit", run.leaner_unused)

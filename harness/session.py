@@ -220,11 +220,8 @@ class Run:
         micro_batch, how = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch)
         if self.world_size > 1:  # every process must agree: the smallest (and so on whether to use `leaner`)
             micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
-        split = args.micro_batch // micro_batch
-        self.leaner_unused = ("one micro-batch a step: nothing to halve" if split <= 1 else
-                              f"{split} micro-batches a step; tried from {leaner.from_split}" if leaner else
-                              "not tried")
-        if leaner is not None and split >= leaner.from_split:
+        self.leaner_unused = self.why_not_leaner(micro_batch, leaner)
+        if self.leaner_unused is None:
             leaner.switch(True)
             larger, how_larger = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch,
                                                          variant=leaner.variant, smallest=2 * micro_batch)
@@ -235,10 +232,25 @@ class Run:
                 self.leaner_unused = None
             else:
                 leaner.switch(False)  # no larger micro-batch fits with it: not worth its cost
-                self.leaner_unused = f"micro-batch {2 * micro_batch} did not fit with it either"
+                self.leaner_unused = (f"with it, no micro-batch from {args.micro_batch} down to {2 * micro_batch} "
+                                      f"fit" + (" on every process" if self.world_size > 1 else ""))
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
         self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
         return micro_batch
+
+    def why_not_leaner(self, micro_batch: int, leaner: LeanerMemory | None) -> str | None:
+        """Why the probe does not try `leaner` after choosing `micro_batch` without it (None: it tries)."""
+        args = self.args
+        rows = max(1, args.tokens_per_step // (args.seq_len * self.world_size))  # a step's rows per process
+        split = -(-rows // micro_batch)  # micro-batches a step (at least: padded rows carry fewer tokens)
+        if micro_batch >= args.micro_batch:
+            return ("one micro-batch a step: nothing to halve" if split <= 1 else
+                    f"micro-batch {micro_batch} is the script's largest: the memory does not split the step")
+        if leaner is None:
+            return "not offered"
+        if split < leaner.from_split:
+            return f"{split} micro-batches a step; used from {leaner.from_split}"
+        return None
 
     def micro_batch_within(self, model, budget: float, optim: str, autocast_dtype, largest: int,
                            variant: str = "", smallest: int = 1) -> tuple[int, str]:

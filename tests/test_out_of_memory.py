@@ -3,7 +3,7 @@
 There is no GPU in the tests: `Run.micro_batch_that_fits` is run as on one CUDA GPU, with CUDA's allocator
 simulated on the CPU (as in test_models' probe test): a trial of too many sequences raises OutOfMemoryError.
 """
-import functools
+import dataclasses
 import json
 import weakref
 from types import SimpleNamespace
@@ -15,9 +15,10 @@ import lightweight_big
 import lightweight_small
 from conftest import TINY, tiny_script_model
 from harness import budget
+from harness import step_size
 from harness.cli import Switches
 from harness.loss import lm_loss_sum
-from harness.session import LeanerMemory, Run
+from harness.session import Run
 
 ESTIMATE = {"weights": 1.2, "gradients": 1.2, "optimizer states": 2.5}
 
@@ -62,21 +63,25 @@ def simulated_gpu(cache_dir, monkeypatch):
     return run, tried
 
 
-def as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch: int) -> None:
-    """Make the simulated GPU's Run what lightweight_big's probe finds before training: its command line (script's
-    micro-batch `micro_batch`, 1 GiB budget, cache in tmp_path), techniques, config and a GPU name."""
-    from harness.cli import Switches
-
+def as_probe(run, tmp_path, monkeypatch, micro_batch: int, script=lightweight_big, cache_dir=None) -> None:
+    """Make the simulated GPU's Run what `script`'s probe finds before training: its command line (script's
+    micro-batch `micro_batch`, one micro-batch a step at it, 1 GiB budget, cache in tmp_path), techniques, model
+    (lightweight_small: its own tiny model, from `cache_dir`), config and a GPU name."""
+    if script is not lightweight_big:
+        run.model, _ = tiny_script_model(script, cache_dir)
+    run.script = script.__name__
     run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=micro_batch, micro_batch_given=False,
-                               cache_dir=str(tmp_path / "cache"), checkpoint_layers=None)
-    run.on, run.config, run.bf16_or_fp16 = Switches(lightweight_big.TECHNIQUES), run.model.config, torch.bfloat16
+                               tokens_per_step=micro_batch * 64, cache_dir=str(tmp_path / "cache"),
+                               checkpoint_layers=None)
+    run.on, run.config, run.bf16_or_fp16 = Switches(script.TECHNIQUES), run.model.config, torch.bfloat16
     run.main_process = True  # the one process that writes the remembered peaks
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
 
 
-def offload(switched: list) -> LeanerMemory:
-    """lightweight_big's offload as the probe sees it, each switch appended to `switched`."""
-    return LeanerMemory(switched.append, "with the checkpointed activations offloaded to the CPU", variant="offload")
+def offload(run, switched: list):
+    """lightweight_big's offload as its script offers it to the probe, each switch appended to `switched` instead of
+    made (pinned memory needs a GPU)."""
+    return dataclasses.replace(lightweight_big.offload_to_fit(run.model), switch=switched.append)
 
 
 def probe(run) -> int | None:
@@ -193,7 +198,7 @@ def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_pat
     """lightweight_big's probe as on a GPU: the first run tries 16 (out of memory) and 8 (fits); a later run of
     the same recipe tries only 16 again, since a trial that ran out of memory has no peak to remember."""
     run, tried = simulated_gpu
-    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=16)
+    as_probe(run, tmp_path, monkeypatch, micro_batch=16)
     trials = lambda: [t[0] for t in tried if t != "empty_cache"]  # noqa: E731
 
     assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True) == 8
@@ -214,7 +219,7 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
     """lightweight_big's probe with activation offload to choose: 8 of 16 fits without it; with it on, 16 is tried,
     and offload stays on only if 16 then fits. Its trial peaks are remembered apart from those without it."""
     run, tried = simulated_gpu
-    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=16)
+    as_probe(run, tmp_path, monkeypatch, micro_batch=16)
     switched, peak = [], {"bytes": 0}
 
     def loss(hidden, head, labels, fused, vocab_size=None):  # n rows: n / 10 GiB, or n / 20 where offload halves it
@@ -230,7 +235,7 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
     for attempt in ("first", "remembered"):
         tried.clear()
         switched.clear()
-        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(switched))
+        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(run, switched))
         trials = [t for t in tried if t != "empty_cache"]
         if offload_halves_the_peak:
             assert size == 16 and switched == [True] and run.leaner_unused is None
@@ -240,16 +245,16 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
         else:
             assert size == 8 and switched == [True, False]  # tried, and switched off again
             assert "offloaded" not in run.micro_batch_reason
-            assert run.leaner_unused == "micro-batch 16 did not fit with it either"
+            assert run.leaner_unused == "with it, no micro-batch from 16 down to 16 fit"
             assert trials == ([16, 8, 16] if attempt == "first" else [16, 16])  # nothing under 16 with it
 
 
 def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path, monkeypatch):
     """Where the script's micro-batch fits (one micro-batch per step), offload is never switched on."""
     run, tried = simulated_gpu
-    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=8)
+    as_probe(run, tmp_path, monkeypatch, micro_batch=8)
     switched = []
-    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(switched)) == 8
+    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(run, switched)) == 8
     assert switched == [] and run.leaner_unused == "one micro-batch a step: nothing to halve"
 
 
@@ -277,16 +282,9 @@ def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monke
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("script_micro_batch, tried_with_recompute", [(32, True), (16, False)])
-def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch, cache_dir,
-                                                                        script_micro_batch, tried_with_recompute):
-    """lightweight_small's checkpoint_to_fit through the probe: 8 rows fit without it, 16 with every layer
-    recomputed (the simulated peak halves while the model checkpoints). Of 32 rows a step (4 micro-batches) it is
-    tried from 32 down and kept at 16; of 16 (2 micro-batches) never tried."""
-    run, tried = simulated_gpu
-    as_lightweight_big_probe(run, tmp_path, monkeypatch, micro_batch=script_micro_batch)
-    run.model, _ = tiny_script_model(lightweight_small, cache_dir)
-    run.script, run.on = "lightweight_small", Switches(lightweight_small.TECHNIQUES)
+def simulate_recompute_halving_the_peak(run, tried, monkeypatch) -> None:
+    """The simulated GPU of lightweight_small's probe: more than 12 rows run out of memory, 24 while the model
+    recomputes its layers (the peak halves); each trial appends (rows, recomputing) to `tried`."""
     peak = {"bytes": 0}
 
     def loss(hidden, head, labels, fused, vocab_size=None):
@@ -299,9 +297,19 @@ def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simul
 
     monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
-    recompute = LeanerMemory(functools.partial(lightweight_small.checkpoint_layers, run.model),
-                             "with every layer recomputed in backward", variant="checkpointed", from_split=4)
-    size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True, leaner=recompute)
+
+
+@pytest.mark.parametrize("script_micro_batch, tried_with_recompute", [(32, True), (16, False)])
+def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch, cache_dir,
+                                                                        script_micro_batch, tried_with_recompute):
+    """lightweight_small's checkpoint_to_fit through the probe (recompute_to_fit, as the script offers it): 8 rows
+    fit without it, 16 with every layer recomputed. Of 32 rows a step (4 micro-batches) it is tried from 32 down
+    and kept at 16; of 16 (2 micro-batches) never tried."""
+    run, tried = simulated_gpu
+    as_probe(run, tmp_path, monkeypatch, script_micro_batch, script=lightweight_small, cache_dir=cache_dir)
+    simulate_recompute_halving_the_peak(run, tried, monkeypatch)
+    size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True,
+                                   leaner=lightweight_small.recompute_to_fit(run.model))
     trials = [t for t in tried if t != "empty_cache"]
     if tried_with_recompute:
         assert size == 16 and run.model.is_gradient_checkpointing and run.leaner_unused is None
@@ -310,13 +318,47 @@ def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simul
     else:
         assert size == 8 and not run.model.is_gradient_checkpointing
         assert trials == [(16, False), (8, False)]
-        assert run.leaner_unused == "2 micro-batches a step; tried from 4"
+        assert run.leaner_unused == "2 micro-batches a step; used from 4"
 
 
-def test_recomputed_layers_give_the_gradients_stored_ones_give(cache_dir):
+def test_the_processes_agree_on_recomputing(simulated_gpu, tmp_path, monkeypatch, cache_dir):
+    """Under a launcher each process probes its own GPU and all take the smallest choice: here the other process fits
+    8 rows as this one does, but nothing larger with the recompute (it reports 0), so every process leaves it off."""
+    run, tried = simulated_gpu
+    as_probe(run, tmp_path, monkeypatch, 32, script=lightweight_small, cache_dir=cache_dir)
+    run.world_size, run.args.tokens_per_step = 2, 2 * 32 * 64  # 32 rows a step on each of two processes
+    simulate_recompute_halving_the_peak(run, tried, monkeypatch)
+    others = [8, 0]  # what the other process chose: without the recompute, then with it
+    monkeypatch.setattr(step_size, "smallest_over_processes", lambda mine, device: min(mine, others.pop(0)))
+    size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True,
+                                   leaner=lightweight_small.recompute_to_fit(run.model))
+    assert size == 8 and others == [] and not run.model.is_gradient_checkpointing
+    assert run.leaner_unused == "with it, no micro-batch from 32 down to 16 fit on every process"
+
+
+def test_a_step_larger_than_the_script_micro_batch_counts_its_micro_batches(simulated_gpu, tmp_path, monkeypatch):
+    """The split that decides is the step's: 64 rows a step where the script's micro-batch is 32. Uncapped (32
+    fits) nothing is tried, the memory does not split the step; where only 16 fits the step is 4 micro-batches."""
+    run, tried = simulated_gpu
+    as_probe(run, tmp_path, monkeypatch, micro_batch=32)
+    run.args.tokens_per_step = 64 * 64
+    assert run.why_not_leaner(32, offload(run, [])) == ("micro-batch 32 is the script's largest: the memory does not "
+                                                        "split the step")
+    assert run.why_not_leaner(16, dataclasses.replace(offload(run, []), from_split=4)) is None
+    assert run.why_not_leaner(16, dataclasses.replace(offload(run, []), from_split=5)) == \
+        "4 micro-batches a step; used from 5"
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recomputed_layers_give_the_gradients_stored_ones_give(cache_dir, compiled):
     """checkpoint_layers: with every OPT layer recomputed in backward (dropout on), the loss and every gradient
-    equal those of the model that stores its activations; switched off again, nothing is recomputed."""
+    equal those of the model that stores its activations; switched off again, nothing is recomputed. Compiled as
+    lightweight_small compiles its layers (here with dynamo and AOTAutograd, without inductor's code generation):
+    the compiled layer runs inside the checkpoint, its recompute too."""
     model, _ = tiny_script_model(lightweight_small, cache_dir)
+    if compiled:
+        for layer in model.model.decoder.layers:
+            layer.compile(backend="aot_eager")
     model.train()
     ids = torch.randint(0, 100, (2, 16))
 
