@@ -49,7 +49,7 @@ def scale_table(runs: dict) -> list[str]:
     """benchmark.md's scaling section: tokens/s against processes and the largest per-step loss difference."""
     lines = ["\n## Scaling out: 1 and 2 processes, same tokens per step\n",
              "| script | parallelism | processes | micro-batch | steps | tokens/s | vs 1 | per-GPU peak GiB | eval loss "
-             f"| largest per-step loss difference vs 1, first {COMPARED_STEPS} steps | all steps |",
+             f"| largest relative per-step loss difference vs 1, first {COMPARED_STEPS} steps | all steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in runs.items():
         if not name.startswith("scale-"):

@@ -23,7 +23,8 @@ TECHNIQUES = {
     "grad_checkpointing": Technique("recompute activations in backward (--checkpoint-layers: how many layers)"),
     "offload_checkpoints": Technique("where the memory splits a step into micro-batches: the checkpointed blocks' "
                                      "inputs wait in pinned CPU memory, if a micro-batch at least twice as large "
-                                     "then fits (the largest that does: fewer micro-batches, less host work)", cuda_only=True),
+                                     "then fits (the largest that does: fewer micro-batches, less host work)",
+                                     cuda_only=True),
     "paged_adamw_8bit": Technique("8-bit AdamW states, paged to the CPU under pressure (bitsandbytes)"),
     "lora_autocast": Technique("the adapters compute in bf16 from fp32 weights: no fp32 copy of every input",
                                needs=("lora",)),

@@ -227,9 +227,8 @@ class Run:
                                                          variant=leaner.variant, smallest=2 * micro_batch)
             if self.world_size > 1:
                 larger = step_size.smallest_over_processes(larger, self.device)
-            if larger > micro_batch:
+            if larger > micro_batch:  # leaner_unused stays None: it is used
                 micro_batch, how = larger, f"{how_larger}, {leaner.how}"
-                self.leaner_unused = None
             else:
                 leaner.switch(False)  # no larger micro-batch fits with it: not worth its cost
                 self.leaner_unused = (f"with it, no micro-batch from {args.micro_batch} down to {2 * micro_batch} "

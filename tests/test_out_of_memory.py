@@ -300,8 +300,9 @@ def simulate_recompute_halving_the_peak(run, tried, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("script_micro_batch, tried_with_recompute", [(32, True), (16, False)])
-def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch, cache_dir,
-                                                                        script_micro_batch, tried_with_recompute):
+def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch,
+                                                                        cache_dir, script_micro_batch,
+                                                                        tried_with_recompute):
     """lightweight_small's checkpoint_to_fit through the probe (recompute_to_fit, as the script offers it): 8 rows
     fit without it, 16 with every layer recomputed. Of 32 rows a step (4 micro-batches) it is tried from 32 down
     and kept at 16; of 16 (2 micro-batches) never tried."""
