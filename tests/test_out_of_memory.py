@@ -213,6 +213,24 @@ def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_pat
     assert trials() == [16, 8]
 
 
+def simulate_peak_halved_while(halved, tried, monkeypatch) -> None:
+    """The simulated GPU of a probe with a LeanerMemory: a trial of n rows peaks at n / 10 GiB, n / 20 while
+    `halved()` says the leaner option is on; over 12 rows (24 halved) it runs out of memory. Each trial appends
+    (rows, halved) to `tried`."""
+    peak = {"bytes": 0}
+
+    def loss(hidden, head, labels, fused, vocab_size=None):
+        rows, leaner = hidden.shape[0], bool(halved())
+        tried.append((rows, leaner))
+        if rows > (24 if leaner else 12):
+            raise torch.OutOfMemoryError("simulated")
+        peak["bytes"] = rows / (20 if leaner else 10) * budget.GIB
+        return lm_loss_sum(hidden, head, labels, fused, vocab_size)
+
+    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+
+
 @pytest.mark.parametrize("offload_halves_the_peak", [True, False])
 def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_gpu, tmp_path, monkeypatch,
                                                                      offload_halves_the_peak):
@@ -220,23 +238,13 @@ def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_g
     and offload stays on only if 16 then fits. Its trial peaks are remembered apart from those without it."""
     run, tried = simulated_gpu
     as_probe(run, tmp_path, monkeypatch, micro_batch=16)
-    switched, peak = [], {"bytes": 0}
-
-    def loss(hidden, head, labels, fused, vocab_size=None):  # n rows: n / 10 GiB, or n / 20 where offload halves it
-        rows, halved = hidden.shape[0], switched[-1:] == [True] and offload_halves_the_peak
-        tried.append(rows)
-        if rows > (24 if halved else 12):
-            raise torch.OutOfMemoryError("simulated")
-        peak["bytes"] = rows / (20 if halved else 10) * budget.GIB
-        return lm_loss_sum(hidden, head, labels, fused, vocab_size)
-
-    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+    switched = []
+    simulate_peak_halved_while(lambda: switched[-1:] == [True] and offload_halves_the_peak, tried, monkeypatch)
     for attempt in ("first", "remembered"):
         tried.clear()
         switched.clear()
         size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(run, switched))
-        trials = [t for t in tried if t != "empty_cache"]
+        trials = [t[0] for t in tried if t != "empty_cache"]
         if offload_halves_the_peak:
             assert size == 16 and switched == [True] and run.leaner_unused is None
             assert run.micro_batch_reason.endswith("with the checkpointed activations offloaded to the CPU")
@@ -282,23 +290,6 @@ def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monke
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def simulate_recompute_halving_the_peak(run, tried, monkeypatch) -> None:
-    """The simulated GPU of lightweight_small's probe: more than 12 rows run out of memory, 24 while the model
-    recomputes its layers (the peak halves); each trial appends (rows, recomputing) to `tried`."""
-    peak = {"bytes": 0}
-
-    def loss(hidden, head, labels, fused, vocab_size=None):
-        rows, recomputing = hidden.shape[0], run.model.is_gradient_checkpointing
-        tried.append((rows, recomputing))
-        if rows > (24 if recomputing else 12):
-            raise torch.OutOfMemoryError("simulated")
-        peak["bytes"] = rows / (20 if recomputing else 10) * budget.GIB
-        return lm_loss_sum(hidden, head, labels, fused, vocab_size)
-
-    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
-
-
 @pytest.mark.parametrize("script_micro_batch, tried_with_recompute", [(32, True), (16, False)])
 def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch,
                                                                         cache_dir, script_micro_batch,
@@ -308,7 +299,7 @@ def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simul
     and kept at 16; of 16 (2 micro-batches) never tried."""
     run, tried = simulated_gpu
     as_probe(run, tmp_path, monkeypatch, script_micro_batch, script=lightweight_small, cache_dir=cache_dir)
-    simulate_recompute_halving_the_peak(run, tried, monkeypatch)
+    simulate_peak_halved_while(lambda: run.model.is_gradient_checkpointing, tried, monkeypatch)
     size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True,
                                    leaner=lightweight_small.recompute_to_fit(run.model))
     trials = [t for t in tried if t != "empty_cache"]
@@ -328,7 +319,7 @@ def test_the_processes_agree_on_recomputing(simulated_gpu, tmp_path, monkeypatch
     run, tried = simulated_gpu
     as_probe(run, tmp_path, monkeypatch, 32, script=lightweight_small, cache_dir=cache_dir)
     run.world_size, run.args.tokens_per_step = 2, 2 * 32 * 64  # 32 rows a step on each of two processes
-    simulate_recompute_halving_the_peak(run, tried, monkeypatch)
+    simulate_peak_halved_while(lambda: run.model.is_gradient_checkpointing, tried, monkeypatch)
     others = [8, 0]  # what the other process chose: without the recompute, then with it
     monkeypatch.setattr(step_size, "smallest_over_processes", lambda mine, device: min(mine, others.pop(0)))
     size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True,
