@@ -109,6 +109,20 @@ class StepEnds(TrainerCallback):
         return [round(a.elapsed_time(b) / 1e3, 4) for a, b in zip(self.events, self.events[1:])]
 
 
+def experiment_ddp_knobs(handler) -> None:
+    """EXPERIMENT, session 10 (call 41; to be removed): DDP settings from the environment, to compare them in one
+    call. LWF_DDP_BUCKET_MB, LWF_DDP_STATIC_GRAPH=1, LWF_DDP_COMM_HOOK=bf16."""
+    import os
+
+    from accelerate.utils import DDPCommunicationHookType
+    if os.environ.get("LWF_DDP_BUCKET_MB"):
+        handler.bucket_cap_mb = int(os.environ["LWF_DDP_BUCKET_MB"])
+    if os.environ.get("LWF_DDP_STATIC_GRAPH") == "1":
+        handler.static_graph = True
+    if os.environ.get("LWF_DDP_COMM_HOOK") == "bf16":
+        handler.comm_hook = DDPCommunicationHookType.BF16
+
+
 class MeasuringTrainer(Trainer):
     """Trainer that measures, at every log, tokens/s, step time, memory and MFU, and appends metrics.jsonl.
 
@@ -145,6 +159,7 @@ class MeasuringTrainer(Trainer):
         for handler in accelerator_args.get("kwargs_handlers", []):
             if isinstance(handler, DistributedDataParallelKwargs):  # DDP only (one process: no DDP at all)
                 handler.gradient_as_bucket_view = True  # gradients live in DDP's buckets: no second copy of them
+                experiment_ddp_knobs(handler)
         return accelerator_args
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

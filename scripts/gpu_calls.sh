@@ -20,7 +20,8 @@
 #                                          # off; the 8 GiB 20-layer row with and without offload_checkpoints
 #   bash scripts/gpu_calls.sh budgets9 OUT # session 9 (call 39), one H200: lightweight_small under 16 and 8 GiB with
 #                                          # checkpoint_to_fit on and off
-#   bash scripts/gpu_calls.sh ddp9 OUT     # issue 11's lead, not yet run: lightweight_small on 1 and 2 GPUs logged
+#   bash scripts/gpu_calls.sh ddp10 OUT    # session 10 (call 41): 1 and 2 GPUs profiled, DDP settings compared
+#   bash scripts/gpu_calls.sh ddp9 OUT     # session 10 (call 40; was session 9's lead): lightweight_small on 1 and 2 GPUs logged
 #                                          # every step and every 5, and a profile of each
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
 #                                          # offload_checkpoints off at 4 and 2 GiB; profiles of lightweight_small's
@@ -127,7 +128,7 @@ budgets9)  # session 9 (call 39): one H200: lightweight_small under 16 and 8 GiB
     lightweight_small-16gib,lightweight_small-8gib,lightweight_small-16gib-no-checkpoint_to_fit,lightweight_small-8gib-no-checkpoint_to_fit \
     --out "$OUT/budgets.json" --workdir /tmp/budgets >"$OUT/budgets.log" 2>&1
   gzip "$OUT/budgets.log" ;;
-ddp9)  # issue 11's lead, not yet run (2 x H200): lightweight_small on 1 and 2 GPUs logged every 5 steps (how much of
+ddp9)  # issue 11's lead, run in session 10 as call 40 (2 x H200): lightweight_small on 1 and 2 GPUs logged every 5 steps (how much of
   # the 1.86x is the per-step log's synchronization), and steps 40-41 of each profiled (rank 0's view)
   A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64"
   for n in 1 2; do
@@ -141,8 +142,38 @@ ddp9)  # issue 11's lead, not yet run (2 x H200): lightweight_small on 1 and 2 G
       --profile-first 40 --output-dir /tmp/ddp$n-prof >"$OUT/ddp${n}_profile.log" 2>&1
   done
   rm -f "$OUT"/profile-*/trace.json.gz
-  tar -czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz --exclude "*_summary.json" . \
+  tar -czf /tmp/logs.tgz -C "$OUT" --exclude "*_summary.json" . && mv /tmp/logs.tgz "$OUT/" \
     && rm -rf "$OUT"/*.log "$OUT"/profile-* ;;  # few files come back from the device
+ddp10)  # session 10 (call 41, 2 x H200): where a 2-GPU step's extra time goes (steps 40-41 of 1 and 2 processes
+  # profiled, traces read by scripts/trace_streams.py), and DDP's settings against it, one row after another
+  A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
+  small() {  # row name, processes, environment settings...
+    local name=$1 n=$2; shift 2
+    env "$@" torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/d10-$name \
+      >"$OUT/$name.log" 2>&1
+    cp /tmp/d10-$name/metrics.jsonl "$OUT/${name}_metrics.jsonl"
+    python -c "import json; d = json.load(open('/tmp/d10-$name/summary.json')); print('$name', *(d.get(k) for k in
+      ('steady_tokens_per_second', 'peak_memory_gib', 'final_train_loss', 'final_eval_loss')))" >>"$OUT/rows.txt"
+  }
+  for n in 1 2; do  # compile caches, then steps 40-41 profiled
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/d10-warm >/dev/null 2>&1
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --profile "$OUT/profile-ddp$n" --profile-first 40 \
+      --output-dir /tmp/d10-prof$n >"$OUT/profile_ddp$n.log" 2>&1
+    python scripts/trace_streams.py "$OUT/profile-ddp$n/trace.json.gz" >"$OUT/streams_ddp$n.md" 2>&1
+  done
+  small 1gpu 1 X=1
+  small 2gpu 2 X=1
+  small 2gpu-bucket100 2 LWF_DDP_BUCKET_MB=100
+  small 2gpu-bucket400 2 LWF_DDP_BUCKET_MB=400
+  small 2gpu-static 2 LWF_DDP_STATIC_GRAPH=1
+  small 2gpu-bf16hook 2 LWF_DDP_COMM_HOOK=bf16
+  small 2gpu-nccl8ch 2 NCCL_MAX_NCHANNELS=8
+  small 1gpu-again 1 X=1
+  small 2gpu-again 2 X=1
+  tar -czf /tmp/traces.tgz -C "$OUT" profile-ddp1/trace.json.gz profile-ddp2/trace.json.gz && mv /tmp/traces.tgz "$OUT/"
+  rm -f "$OUT"/profile-*/trace.json.gz
+  tar -czf /tmp/logs.tgz -C "$OUT" --exclude traces.tgz --exclude rows.txt --exclude "streams_*" . \
+    && mv /tmp/logs.tgz "$OUT/" && rm -rf "$OUT"/*.log "$OUT"/*_metrics.jsonl "$OUT"/profile-* ;;
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"

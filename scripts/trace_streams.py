@@ -1,0 +1,122 @@
+"""Where a profiled step's GPU waits: read a --profile trace (DIR/trace.json.gz) and print, per CUDA stream, the
+busy time; the compute streams' idle time and longest gaps (with the kernels around them); NCCL's time and how much
+of it no compute kernel overlaps; and how much slower each matmul kernel runs while NCCL runs beside it.
+
+torch.profiler's chrome trace has no such summary (profile.md sums kernel time, which counts overlap twice).
+
+    python scripts/trace_streams.py DIR/trace.json.gz [--gaps 12]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+from collections import defaultdict
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Time in both unions (each sorted and disjoint)."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def kernels_of(trace_path: str) -> list[dict]:
+    with gzip.open(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+
+
+def report(kernels: list[dict], gaps: int) -> list[str]:
+    is_nccl = lambda e: "nccl" in e["name"].lower()  # noqa: E731
+    by_stream = defaultdict(list)
+    for e in kernels:
+        by_stream[e["args"].get("stream")].append(e)
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    lines = [f"window {(end - start) / 1e3:.1f} ms (first kernel's start to last kernel's end)", "",
+             "| stream | kernels | busy ms | NCCL ms |", "|---|---|---|---|"]
+    for stream, events in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
+        busy = covered(union([(e["ts"], e["ts"] + e["dur"]) for e in events]))
+        nccl = covered(union([(e["ts"], e["ts"] + e["dur"]) for e in events if is_nccl(e)]))
+        lines.append(f"| {stream} | {len(events)} | {busy / 1e3:.2f} | {nccl / 1e3:.2f} |")
+    compute = [e for e in kernels if not is_nccl(e)]
+    compute_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in compute])
+    nccl_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if is_nccl(e)])
+    shared = overlap(compute_busy, nccl_busy)
+    lines += ["", f"compute kernels busy {covered(compute_busy) / 1e3:.2f} ms, idle "
+                  f"{(end - start - covered(compute_busy)) / 1e3:.2f} ms of the window",
+              f"NCCL busy {covered(nccl_busy) / 1e3:.2f} ms, of which beside compute {shared / 1e3:.2f} ms, "
+              f"alone (exposed) {(covered(nccl_busy) - shared) / 1e3:.2f} ms"]
+    lines += gap_lines(compute, gaps, start) + contention_lines(compute, nccl_busy)
+    return lines
+
+
+def gap_lines(compute: list[dict], count: int, origin: float) -> list[str]:
+    """The longest stretches with no compute kernel running, and the kernels on either side."""
+    ordered = sorted(compute, key=lambda e: e["ts"])
+    gaps, reach, before = [], None, None
+    for e in ordered:
+        if reach is not None and e["ts"] > reach:
+            gaps.append((e["ts"] - reach, reach, before["name"], e["name"]))
+        if reach is None or e["ts"] + e["dur"] > reach:
+            reach, before = e["ts"] + e["dur"], e
+    lines = ["", f"## Longest {count} compute gaps", "", "| gap ms | at ms | after | before |", "|---|---|---|---|"]
+    lines += [f"| {g / 1e3:.2f} | {(at - origin) / 1e3:.1f} | `{a[:60]}` | `{b[:60]}` |"
+              for g, at, a, b in sorted(gaps, reverse=True)[:count]]
+    lines.append(f"\ngaps over 50 us: {sum(1 for g in gaps if g[0] > 50)}, together "
+                 f"{sum(g[0] for g in gaps if g[0] > 50) / 1e3:.2f} ms; all gaps {sum(g[0] for g in gaps) / 1e3:.2f} ms")
+    return lines
+
+
+def contention_lines(compute: list[dict], nccl_busy: list[tuple[float, float]]) -> list[str]:
+    """Each kernel name's median duration while NCCL runs beside it and while it does not."""
+    if not nccl_busy:
+        return []
+    alone, beside = defaultdict(list), defaultdict(list)
+    for e in compute:
+        shared = overlap([(e["ts"], e["ts"] + e["dur"])], nccl_busy)
+        (beside if shared > 0.5 * e["dur"] else alone)[e["name"]].append(e["dur"])
+    rows = []
+    for name in set(alone) & set(beside):
+        a, b = statistics.median(alone[name]), statistics.median(beside[name])
+        rows.append(((b - a) * len(beside[name]), name, a, b, len(beside[name])))
+    lines = ["", "## Kernels slower beside NCCL (median us alone, beside; extra ms over the window)", "",
+             "| kernel | alone us | beside us | calls beside | extra ms |", "|---|---|---|---|---|"]
+    lines += [f"| `{name[:60]}` | {a:.0f} | {b:.0f} | {n} | {extra / 1e3:.2f} |"
+              for extra, name, a, b, n in sorted(rows, reverse=True)[:12]]
+    lines.append(f"\nall kernels' extra beside NCCL: {sum(r[0] for r in rows) / 1e3:.2f} ms")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("--gaps", type=int, default=12)
+    args = p.parse_args(argv)
+    print("\n".join(report(kernels_of(args.trace), args.gaps)))
+
+
+if __name__ == "__main__":
+    main()
