@@ -41,6 +41,19 @@ def put_loss_in_forward(model, fused: bool, vocab_size: int | None = None) -> No
     hf.forward = forward
 
 
+# liger cuts the logits into chunks of about rows x width elements (chunk_mem_const 1): 64 chunks of 512 rows for
+# OPT-350m's 512-wide output at 32 x 1024 tokens, each launched by the host in more time than the GPU takes to run
+# it, after liger's own wait for the GPU (`.item()`), so the GPU waited (2 GPUs: 8-12 ms a step; NOTES.md, call 41).
+# Chunks as for a 2048-wide output: 16 of 2048 rows for OPT-350m (206 MB of bf16 logits at a time); GPT-Neo's 2048
+# keeps its 16.
+LOSS_CHUNK_WIDTH = 2048
+
+
+def loss_chunk_budget(width: int) -> int:
+    """liger's chunk_mem_const for a `width`-wide output layer: its chunks of logits about rows x LOSS_CHUNK_WIDTH."""
+    return max(1, LOSS_CHUNK_WIDTH // width)
+
+
 def lm_loss_sum(hidden, head, labels, fused: bool, vocab_size: int | None = None):
     """Summed next-token cross-entropy over labels != -100, from hidden states and the output layer `head`.
 
@@ -55,14 +68,15 @@ def lm_loss_sum(hidden, head, labels, fused: bool, vocab_size: int | None = None
     rows = head.weight.shape[0]
     padded = vocab_size is not None and rows > vocab_size
     if fused:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         weight = head.weight.to(hidden.dtype)
         # liger adds a bias to each chunk of logits: -10,000 on the padding rows makes their softmax share 0
         # (exp(-1e4) underflows in fp32), and their gradient with it; finite, unlike -inf, in every kernel's arithmetic
         bias = torch.zeros(rows, dtype=hidden.dtype, device=hidden.device).index_fill_(
             0, torch.arange(vocab_size, rows, device=hidden.device), -1e4) if padded else None
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, labels, bias)
+        return liger_fused_linear_cross_entropy(hidden, weight, labels, bias, reduction="sum",
+                                                chunk_mem_const=loss_chunk_budget(hidden.shape[-1]))
     logits = head(hidden)
     if padded:
         logits = logits[:, :vocab_size]

@@ -109,20 +109,6 @@ class StepEnds(TrainerCallback):
         return [round(a.elapsed_time(b) / 1e3, 4) for a, b in zip(self.events, self.events[1:])]
 
 
-def experiment_ddp_knobs(handler) -> None:
-    """EXPERIMENT, session 10 (call 41; to be removed): DDP settings from the environment, to compare them in one
-    call. LWF_DDP_BUCKET_MB, LWF_DDP_STATIC_GRAPH=1, LWF_DDP_COMM_HOOK=bf16."""
-    import os
-
-    from accelerate.utils import DDPCommunicationHookType
-    if os.environ.get("LWF_DDP_BUCKET_MB"):
-        handler.bucket_cap_mb = int(os.environ["LWF_DDP_BUCKET_MB"])
-    if os.environ.get("LWF_DDP_STATIC_GRAPH") == "1":
-        handler.static_graph = True
-    if os.environ.get("LWF_DDP_COMM_HOOK") == "bf16":
-        handler.comm_hook = DDPCommunicationHookType.BF16
-
-
 class MeasuringTrainer(Trainer):
     """Trainer that measures, at every log, tokens/s, step time, memory and MFU, and appends metrics.jsonl.
 
@@ -159,7 +145,6 @@ class MeasuringTrainer(Trainer):
         for handler in accelerator_args.get("kwargs_handlers", []):
             if isinstance(handler, DistributedDataParallelKwargs):  # DDP only (one process: no DDP at all)
                 handler.gradient_as_bucket_view = True  # gradients live in DDP's buckets: no second copy of them
-                experiment_ddp_knobs(handler)
         return accelerator_args
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -190,9 +175,9 @@ class MeasuringTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         logs = dict(logs)
-        if "loss" in logs and self._window_start is not None:  # a training log: close the window
-            # every process logs here; tokens are summed over them (.item() waits for the window's work)
-            tokens = int(self.accelerator.gather(self._pending_tokens.view(1)).sum().item())
+        training = "loss" in logs and self._window_start is not None  # a training log: close the window
+        tokens, memory = self._over_processes(window_tokens=training)
+        if training:
             now = time.perf_counter()
             seconds = now - self._window_start - self._paused_seconds
             steps = max(1, self.state.global_step - self._window_step)
@@ -206,19 +191,26 @@ class MeasuringTrainer(Trainer):
             if mfu is not None:
                 logs["mfu"] = mfu
         logs["job_seconds"] = seconds_since_process_start()  # for loss against wall-clock time
-        logs.update(self._memory_over_processes())
+        logs.update(memory)
         if self.metrics_path is not None:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
         super().log(logs, start_time)
 
-    def _memory_over_processes(self) -> dict:
-        """cuda_memory_gib(), each value the maximum over processes (every process calls log)."""
+    def _over_processes(self, window_tokens: bool) -> tuple[int | None, dict]:
+        """The window's tokens summed over the processes (if window_tokens), and cuda_memory_gib() with each value the
+        largest over them. Every process logs here; one gather serves both, and its wait for the window's work is
+        the log's only one here (a gather each cost another under DDP: NOTES.md, call 41)."""
         memory = cuda_memory_gib()
-        if self.args.world_size > 1 and memory["peak_memory_gib"] is not None:
-            values = torch.tensor(list(memory.values()), device=self.args.device).view(1, -1)
-            memory = dict(zip(memory, self.accelerator.gather(values).amax(0).tolist()))
-        return memory
+        measured = [torch.tensor(list(memory.values()), dtype=torch.float64, device=self.args.device)] \
+            if memory["peak_memory_gib"] is not None else []
+        tokens = [self._pending_tokens.view(1).double()] if window_tokens else []
+        if not (tokens or measured):
+            return None, memory
+        rows = self.accelerator.gather(torch.cat(tokens + measured).view(1, -1)).tolist()  # one row per process
+        if measured:
+            memory = dict(zip(memory, map(max, zip(*(row[len(tokens):] for row in rows)))))
+        return (int(sum(row[0] for row in rows)) if tokens else None), memory
 
     def mfu(self, tokens_per_second: float) -> float | None:
         """Model FLOPs utilization: tokens/s x FLOPs per token / the GPU's peak (None where it is unknown)."""

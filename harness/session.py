@@ -273,14 +273,15 @@ class Run:
 
     def trial_recipe(self, optim: str, autocast_dtype) -> str:
         """A hash of what a micro-batch trial's peak memory depends on: script, techniques, model, sizes, optimizer,
-        autocast, GPU and library versions."""
+        autocast, the fused loss's chunks, GPU and library versions."""
         import torch
 
+        from harness.loss import LOSS_CHUNK_WIDTH
         from harness.measure import versions
 
         return common.content_hash(self.script, self.on.names_on(), self.config.to_json_string(), self.args.seq_len,
                                    getattr(self.args, "checkpoint_layers", None), optim, autocast_dtype,
-                                   torch.cuda.get_device_name(self.device), versions())
+                                   LOSS_CHUNK_WIDTH, torch.cuda.get_device_name(self.device), versions())
 
     def steps_to_train(self, train_set, micro_batch: int) -> int:
         """The optimizer steps this run takes: --max-steps, or --epochs over `train_set`."""

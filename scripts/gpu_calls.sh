@@ -20,7 +20,9 @@
 #                                          # off; the 8 GiB 20-layer row with and without offload_checkpoints
 #   bash scripts/gpu_calls.sh budgets9 OUT # session 9 (call 39), one H200: lightweight_small under 16 and 8 GiB with
 #                                          # checkpoint_to_fit on and off
-#   bash scripts/gpu_calls.sh ddp10 OUT    # session 10 (call 41): 1 and 2 GPUs profiled, DDP settings compared
+#   bash scripts/gpu_calls.sh chunks10 OUT # session 10 (call 42): liger's chunks, wider vs its default, 1 and 2 GPUs
+#   bash scripts/gpu_calls.sh ddp10 OUT    # session 10 (call 41, commit 2abddaf's tree): 1 and 2 GPUs profiled, DDP
+#                                          # settings compared (their environment knobs were removed after it)
 #   bash scripts/gpu_calls.sh ddp9 OUT     # session 10 (call 40; was session 9's lead): lightweight_small on 1 and 2 GPUs logged
 #                                          # every step and every 5, and a profile of each
 #   bash scripts/gpu_calls.sh offload OUT  # session 8 (call 33): the compared steady rows on GPU 0 alone, with
@@ -174,6 +176,35 @@ ddp10)  # session 10 (call 41, 2 x H200): where a 2-GPU step's extra time goes (
   rm -f "$OUT"/profile-*/trace.json.gz
   tar -czf /tmp/logs.tgz -C "$OUT" --exclude traces.tgz --exclude rows.txt --exclude "streams_*" . \
     && mv /tmp/logs.tgz "$OUT/" && rm -rf "$OUT"/*.log "$OUT"/*_metrics.jsonl "$OUT"/profile-* ;;
+chunks10)  # session 10 (call 42, 2 x H200): liger's chunks of logits as for a 2048-wide output (harness/loss.py)
+  # against its default (a copy of the tree with LOSS_CHUNK_WIDTH = 1), on 1 and 2 GPUs, one row after another;
+  # the fused-loss GPU tests; steps 40-41 of 2 processes profiled
+  python -m pytest -q tests/test_models.py -k 'fused or padded' >"$OUT/gpu_tests.log" 2>&1; echo "exit $?" >>"$OUT/gpu_tests.log"
+  A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
+  small() {  # row name, tree, processes
+    (cd "$2" && torchrun --standalone --nproc_per_node $3 lightweight_small.py $A --output-dir /tmp/c10-$1 \
+      >"$OUT/$1.log" 2>&1)
+    cp /tmp/c10-$1/metrics.jsonl "$OUT/${1}_metrics.jsonl"
+    python -c "import json; d = json.load(open('/tmp/c10-$1/summary.json')); print('$1', *(d.get(k) for k in
+      ('steady_tokens_per_second', 'peak_memory_gib', 'final_train_loss', 'final_eval_loss')))" >>"$OUT/rows.txt"
+  }
+  for n in 1 2; do torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/c10-warm >/dev/null 2>&1; done
+  rm -rf /tmp/default-chunks && cp -r . /tmp/default-chunks
+  sed -i 's/^LOSS_CHUNK_WIDTH = 2048$/LOSS_CHUNK_WIDTH = 1/' /tmp/default-chunks/harness/loss.py
+  grep -q '^LOSS_CHUNK_WIDTH = 1$' /tmp/default-chunks/harness/loss.py || { echo "the copy kept the new chunks" >&2; exit 1; }
+  small default-1gpu /tmp/default-chunks 1
+  small wide-1gpu . 1
+  small default-2gpu /tmp/default-chunks 2
+  small wide-2gpu . 2
+  small default-2gpu-again /tmp/default-chunks 2
+  small wide-2gpu-again . 2
+  small wide-1gpu-again . 1
+  torchrun --standalone --nproc_per_node 2 lightweight_small.py $A --profile "$OUT/profile-wide2" --profile-first 40 \
+    --output-dir /tmp/c10-prof >"$OUT/profile_wide2.log" 2>&1
+  python scripts/trace_streams.py "$OUT/profile-wide2/trace.json.gz" >"$OUT/streams_wide2.md" 2>&1
+  mv "$OUT/profile-wide2/trace.json.gz" /tmp/trace_wide2.json.gz
+  tar -czf /tmp/logs.tgz -C "$OUT" --exclude rows.txt --exclude "streams_*" . && mv /tmp/logs.tgz "$OUT/" \
+    && rm -rf "$OUT"/*.log "$OUT"/*_metrics.jsonl "$OUT"/profile-* && mv /tmp/trace_wide2.json.gz "$OUT/" ;;
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"

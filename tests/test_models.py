@@ -157,6 +157,28 @@ def test_fused_cross_entropy_matches_plain_on_gpu():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_fused_loss_sizes_liger_chunks_by_the_output_width(monkeypatch):
+    """The fused loss asks liger for chunks of logits about rows x 2048 elements: 4x its default for OPT-350m's
+    512-wide output (64 chunks of 512 rows at 32 x 1024 were host-bound), GPT-Neo's 2048 at the default."""
+    import liger_kernel.transformers.functional as liger
+
+    asked = []
+
+    def recording_liger(hidden, weight, labels, bias=None, **options):  # the plain loss, where liger needs CUDA
+        asked.append(options)
+        return torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum")
+
+    monkeypatch.setattr(liger, "liger_fused_linear_cross_entropy", recording_liger)
+    torch.manual_seed(0)
+    labels = torch.randint(0, 11, (2, 6))
+    for width in (512, 2048, 4096):
+        hidden, weight = torch.randn(2, 6, width), torch.randn(11, width)
+        fused = lm_loss_sum(hidden, output_head(weight), labels, fused=True)
+        torch.testing.assert_close(fused, lm_loss_sum(hidden, output_head(weight), labels, fused=False))
+    assert [a["chunk_mem_const"] for a in asked] == [4, 1, 1]
+    assert all(a["reduction"] == "sum" for a in asked)
+
+
 def padded_copy(weight, rows):
     """`weight` with random rows appended up to `rows`: an output layer padded for aligned matmuls."""
     extra = 5 * torch.randn(rows - weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
