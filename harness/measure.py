@@ -176,7 +176,7 @@ class MeasuringTrainer(Trainer):
     def log(self, logs, start_time=None):
         logs = dict(logs)
         training = "loss" in logs and self._window_start is not None  # a training log: close the window
-        tokens, memory = self._over_processes(window_tokens=training)
+        tokens, memory = self._gather_tokens_and_memory(window_tokens=training)
         if training:
             now = time.perf_counter()
             seconds = now - self._window_start - self._paused_seconds
@@ -197,10 +197,10 @@ class MeasuringTrainer(Trainer):
                 f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
         super().log(logs, start_time)
 
-    def _over_processes(self, window_tokens: bool) -> tuple[int | None, dict]:
+    def _gather_tokens_and_memory(self, window_tokens: bool) -> tuple[int | None, dict]:
         """The window's tokens summed over the processes (if window_tokens), and cuda_memory_gib() with each value the
-        largest over them. Every process logs here; one gather serves both, and its wait for the window's work is
-        the log's only one here (a gather each cost another under DDP: NOTES.md, call 41)."""
+        largest over them, in one gather (call 41's profile showed two at every log). Every process logs here.
+        Copying the memory values to the GPU waits for the window's work; reading the gather back, for the gather."""
         memory = cuda_memory_gib()
         measured = [torch.tensor(list(memory.values()), dtype=torch.float64, device=self.args.device)] \
             if memory["peak_memory_gib"] is not None else []

@@ -276,12 +276,12 @@ class Run:
         autocast, the fused loss's chunks, GPU and library versions."""
         import torch
 
-        from harness.loss import LOSS_CHUNK_WIDTH
+        from harness.loss import LIGER_CHUNKS_AS_FOR_WIDTH
         from harness.measure import versions
 
         return common.content_hash(self.script, self.on.names_on(), self.config.to_json_string(), self.args.seq_len,
                                    getattr(self.args, "checkpoint_layers", None), optim, autocast_dtype,
-                                   LOSS_CHUNK_WIDTH, torch.cuda.get_device_name(self.device), versions())
+                                   LIGER_CHUNKS_AS_FOR_WIDTH, torch.cuda.get_device_name(self.device), versions())
 
     def steps_to_train(self, train_set, micro_batch: int) -> int:
         """The optimizer steps this run takes: --max-steps, or --epochs over `train_set`."""

@@ -147,7 +147,9 @@ ddp9)  # issue 11's lead, run in session 10 as call 40 (2 x H200): lightweight_s
   tar -czf /tmp/logs.tgz -C "$OUT" --exclude "*_summary.json" . && mv /tmp/logs.tgz "$OUT/" \
     && rm -rf "$OUT"/*.log "$OUT"/profile-* ;;  # few files come back from the device
 ddp10)  # session 10 (call 41, 2 x H200): where a 2-GPU step's extra time goes (steps 40-41 of 1 and 2 processes
-  # profiled, traces read by scripts/trace_streams.py), and DDP's settings against it, one row after another
+  # profiled, traces read by scripts/trace_streams.py), and DDP's settings against it, one row after another.
+  # The settings came from environment knobs (LWF_DDP_*) in commit 2abddaf's harness/measure.py, removed since:
+  grep -q LWF_DDP_ harness/measure.py || { echo "ddp10 needs commit 2abddaf's tree (its DDP knobs are gone)" >&2; exit 2; }
   A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
   small() {  # row name, processes, environment settings...
     local name=$1 n=$2; shift 2
@@ -163,23 +165,25 @@ ddp10)  # session 10 (call 41, 2 x H200): where a 2-GPU step's extra time goes (
       --output-dir /tmp/d10-prof$n >"$OUT/profile_ddp$n.log" 2>&1
     python scripts/trace_streams.py "$OUT/profile-ddp$n/trace.json.gz" >"$OUT/streams_ddp$n.md" 2>&1
   done
-  small 1gpu 1 X=1
-  small 2gpu 2 X=1
+  small 1gpu 1 PLAIN=1  # (env needs one setting)
+  small 2gpu 2 PLAIN=1
   small 2gpu-bucket100 2 LWF_DDP_BUCKET_MB=100
   small 2gpu-bucket400 2 LWF_DDP_BUCKET_MB=400
   small 2gpu-static 2 LWF_DDP_STATIC_GRAPH=1
   small 2gpu-bf16hook 2 LWF_DDP_COMM_HOOK=bf16
   small 2gpu-nccl8ch 2 NCCL_MAX_NCHANNELS=8
-  small 1gpu-again 1 X=1
-  small 2gpu-again 2 X=1
+  small 1gpu-again 1 PLAIN=1
+  small 2gpu-again 2 PLAIN=1
   tar -czf /tmp/traces.tgz -C "$OUT" profile-ddp1/trace.json.gz profile-ddp2/trace.json.gz && mv /tmp/traces.tgz "$OUT/"
   rm -f "$OUT"/profile-*/trace.json.gz
   tar -czf /tmp/logs.tgz -C "$OUT" --exclude traces.tgz --exclude rows.txt --exclude "streams_*" . \
     && mv /tmp/logs.tgz "$OUT/" && rm -rf "$OUT"/*.log "$OUT"/*_metrics.jsonl "$OUT"/profile-* ;;
 chunks10)  # session 10 (call 42, 2 x H200): liger's chunks of logits as for a 2048-wide output (harness/loss.py)
-  # against its default (a copy of the tree with LOSS_CHUNK_WIDTH = 1), on 1 and 2 GPUs, one row after another;
+  # against its default (a copy of the tree with LIGER_CHUNKS_AS_FOR_WIDTH = 1;
+  # commit 097b747 named it LOSS_CHUNK_WIDTH), on 1 and 2 GPUs, one row after another;
   # the fused-loss GPU tests; steps 40-41 of 2 processes profiled
-  python -m pytest -q tests/test_models.py -k 'fused or padded' >"$OUT/gpu_tests.log" 2>&1; echo "exit $?" >>"$OUT/gpu_tests.log"
+  python -m pytest -q tests/test_models.py -k 'fused or padded' >"$OUT/gpu_tests.log" 2>&1
+  echo "exit $?" >>"$OUT/gpu_tests.log"
   A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
   small() {  # row name, tree, processes
     (cd "$2" && torchrun --standalone --nproc_per_node $3 lightweight_small.py $A --output-dir /tmp/c10-$1 \
@@ -188,10 +192,13 @@ chunks10)  # session 10 (call 42, 2 x H200): liger's chunks of logits as for a 2
     python -c "import json; d = json.load(open('/tmp/c10-$1/summary.json')); print('$1', *(d.get(k) for k in
       ('steady_tokens_per_second', 'peak_memory_gib', 'final_train_loss', 'final_eval_loss')))" >>"$OUT/rows.txt"
   }
-  for n in 1 2; do torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/c10-warm >/dev/null 2>&1; done
+  for n in 1 2; do
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/c10-warm >/dev/null 2>&1
+  done
   rm -rf /tmp/default-chunks && cp -r . /tmp/default-chunks
-  sed -i 's/^LOSS_CHUNK_WIDTH = 2048$/LOSS_CHUNK_WIDTH = 1/' /tmp/default-chunks/harness/loss.py
-  grep -q '^LOSS_CHUNK_WIDTH = 1$' /tmp/default-chunks/harness/loss.py || { echo "the copy kept the new chunks" >&2; exit 1; }
+  sed -i 's/^LIGER_CHUNKS_AS_FOR_WIDTH = 2048$/LIGER_CHUNKS_AS_FOR_WIDTH = 1/' /tmp/default-chunks/harness/loss.py
+  grep -q '^LIGER_CHUNKS_AS_FOR_WIDTH = 1$' /tmp/default-chunks/harness/loss.py \
+    || { echo "the copy kept the new chunks" >&2; exit 1; }
   small default-1gpu /tmp/default-chunks 1
   small wide-1gpu . 1
   small default-2gpu /tmp/default-chunks 2
@@ -261,5 +268,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|alone|jobs|rows_and_jobs|offload|final|next|leads|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|jobs|alone|rows_and_jobs|rows9|final|alone9|budgets9|ddp9|ddp10|chunks10|offload|leads|scale OUT" >&2; exit 2 ;;
 esac

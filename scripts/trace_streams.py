@@ -1,6 +1,7 @@
 """Where a profiled step's GPU waits: read a --profile trace (DIR/trace.json.gz) and print, per CUDA stream, the
-busy time; the compute streams' idle time and longest gaps (with the kernels around them); NCCL's time and how much
-of it no compute kernel overlaps; and how much slower each matmul kernel runs while NCCL runs beside it.
+busy time; the idle time and longest gaps of the GPU's other work (kernels, copies and memsets that are not NCCL's;
+"compute" below), with what ran on either side; NCCL's time and how much of it no other work overlaps; and how
+much slower each kernel runs while NCCL runs beside it.
 
 torch.profiler's chrome trace has no such summary (profile.md sums kernel time, which counts overlap twice).
 
@@ -43,9 +44,13 @@ def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float
 
 
 def kernels_of(trace_path: str) -> list[dict]:
+    """The trace's GPU work: kernels, memsets and copies."""
     with gzip.open(trace_path, "rt") as f:
         events = json.load(f)["traceEvents"]
-    return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    work = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    if not work:
+        raise SystemExit(f"{trace_path}: no GPU work in this trace (was it profiled on a GPU?)")
+    return work
 
 
 def report(kernels: list[dict], gaps: int) -> list[str]:
@@ -65,7 +70,7 @@ def report(kernels: list[dict], gaps: int) -> list[str]:
     compute_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in compute])
     nccl_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if is_nccl(e)])
     shared = overlap(compute_busy, nccl_busy)
-    lines += ["", f"compute kernels busy {covered(compute_busy) / 1e3:.2f} ms, idle "
+    lines += ["", f"compute busy {covered(compute_busy) / 1e3:.2f} ms, idle "
                   f"{(end - start - covered(compute_busy)) / 1e3:.2f} ms of the window",
               f"NCCL busy {covered(nccl_busy) / 1e3:.2f} ms, of which beside compute {shared / 1e3:.2f} ms, "
               f"alone (exposed) {(covered(nccl_busy) - shared) / 1e3:.2f} ms"]
@@ -85,13 +90,15 @@ def gap_lines(compute: list[dict], count: int, origin: float) -> list[str]:
     lines = ["", f"## Longest {count} compute gaps", "", "| gap ms | at ms | after | before |", "|---|---|---|---|"]
     lines += [f"| {g / 1e3:.2f} | {(at - origin) / 1e3:.1f} | `{a[:60]}` | `{b[:60]}` |"
               for g, at, a, b in sorted(gaps, reverse=True)[:count]]
-    lines.append(f"\ngaps over 50 us: {sum(1 for g in gaps if g[0] > 50)}, together "
-                 f"{sum(g[0] for g in gaps if g[0] > 50) / 1e3:.2f} ms; all gaps {sum(g[0] for g in gaps) / 1e3:.2f} ms")
+    long = [g[0] for g in gaps if g[0] > 50]
+    lines.append(f"\ngaps over 50 us: {len(long)}, together {sum(long) / 1e3:.2f} ms; "
+                 f"all gaps {sum(g[0] for g in gaps) / 1e3:.2f} ms")
     return lines
 
 
 def contention_lines(compute: list[dict], nccl_busy: list[tuple[float, float]]) -> list[str]:
-    """Each kernel name's median duration while NCCL runs beside it and while it does not."""
+    """Each kernel name's median duration while NCCL runs beside it and while it does not. By name only: one name
+    can cover several shapes (a matmul kernel in forward and in backward), and NCCL runs beside backward's."""
     if not nccl_busy:
         return []
     alone, beside = defaultdict(list), defaultdict(list)
@@ -102,7 +109,8 @@ def contention_lines(compute: list[dict], nccl_busy: list[tuple[float, float]]) 
     for name in set(alone) & set(beside):
         a, b = statistics.median(alone[name]), statistics.median(beside[name])
         rows.append(((b - a) * len(beside[name]), name, a, b, len(beside[name])))
-    lines = ["", "## Kernels slower beside NCCL (median us alone, beside; extra ms over the window)", "",
+    lines = ["", "## Kernels slower beside NCCL (median us alone, beside, by kernel name; extra ms over the "
+             "window)", "",
              "| kernel | alone us | beside us | calls beside | extra ms |", "|---|---|---|---|---|"]
     lines += [f"| `{name[:60]}` | {a:.0f} | {b:.0f} | {n} | {extra / 1e3:.2f} |"
               for extra, name, a, b, n in sorted(rows, reverse=True)[:12]]

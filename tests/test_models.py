@@ -177,6 +177,9 @@ def test_fused_loss_sizes_liger_chunks_by_the_output_width(monkeypatch):
         torch.testing.assert_close(fused, lm_loss_sum(hidden, output_head(weight), labels, fused=False))
     assert [a["chunk_mem_const"] for a in asked] == [4, 1, 1]
     assert all(a["reduction"] == "sum" for a in asked)
+    # liger's functional passes chunk_mem_const on only where its kernel says it takes it; elsewhere, silently not
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    assert LigerFusedLinearCrossEntropyFunction.supports_inner_impl_dispatch
 
 
 def padded_copy(weight, rows):

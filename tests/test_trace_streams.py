@@ -3,6 +3,7 @@ import gzip
 import importlib.util
 import json
 
+import pytest
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("trace_streams", REPO / "scripts" / "trace_streams.py")
@@ -15,18 +16,26 @@ def kernel(name, start, duration, stream):
 
 
 def test_idle_exposed_communication_and_contention(tmp_path, capsys):
-    """Compute runs 0-250 and 300-400 us on stream 7; NCCL 110-200 (beside a matmul for most of it) and 400-450 (alone); the
-    same matmul takes 100 us alone and 150 beside NCCL."""
-    events = [kernel("gemm", 0, 100, 7), kernel("gemm", 100, 150, 7), kernel("ncclAllReduce", 110, 90, 20),
-              kernel("gemm", 300, 100, 7), kernel("ncclAllReduce", 400, 50, 20),
-              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000}]  # a host event: not counted
+    """Compute runs 0-240 and 330-430 us on stream 7; NCCL 110-200 (beside a matmul for most of it) and 430-470
+    (alone); the same matmul takes 100 us alone and 140 beside NCCL."""
+    events = [kernel("gemm", 0, 100, 7), kernel("gemm", 100, 140, 7), kernel("ncclAllReduce", 110, 90, 20),
+              kernel("gemm", 330, 100, 7), kernel("ncclAllReduce", 430, 40, 20),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000}]  # the host's: left out
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     trace_streams.main([str(path)])
     out = capsys.readouterr().out
-    assert "window 0.5 ms" in out  # 0 to 450 us
-    assert "compute kernels busy 0.35 ms, idle 0.10 ms" in out  # idle: 250-300 and 400-450
-    assert "NCCL busy 0.14 ms, of which beside compute 0.09 ms, alone (exposed) 0.05 ms" in out
-    assert "| 0.05 | 0.2 | `gemm` | `gemm` |" in out  # the one gap between compute kernels, at 250 us
-    assert "| `gemm` | 100 | 150 | 1 | 0.05 |" in out  # beside NCCL: 50 us slower, once
+    assert "window 0.5 ms" in out  # 0 to 470 us
+    assert "compute busy 0.34 ms, idle 0.13 ms" in out  # idle: 240-330 and 430-470
+    assert "NCCL busy 0.13 ms, of which beside compute 0.09 ms, alone (exposed) 0.04 ms" in out
+    assert "| 0.09 | 0.2 | `gemm` | `gemm` |" in out  # the one gap between compute kernels: 90 us, at 240 us
+    assert "| `gemm` | 100 | 140 | 1 | 0.04 |" in out  # beside NCCL: 40 us slower, once
+
+
+def test_a_trace_without_gpu_work_is_refused(tmp_path):
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}]}, f)
+    with pytest.raises(SystemExit, match="no GPU work"):
+        trace_streams.main([str(path)])
