@@ -20,6 +20,8 @@
 #                                          # off; the 8 GiB 20-layer row with and without offload_checkpoints
 #   bash scripts/gpu_calls.sh budgets9 OUT # session 9 (call 39), one H200: lightweight_small under 16 and 8 GiB with
 #                                          # checkpoint_to_fit on and off
+#   bash scripts/gpu_calls.sh hosts11 OUT  # next session's, not run: 2 processes' slower hosts; torchrun --numa-binding
+#   bash scripts/gpu_calls.sh stall11 OUT  # next session's, not run (one H200): call 44's stalled step 10
 #   bash scripts/gpu_calls.sh chunks10 OUT # session 10 (call 42): liger's chunks, wider vs its default, 1 and 2 GPUs
 #   bash scripts/gpu_calls.sh ddp10 OUT    # session 10 (call 41, commit 2abddaf's tree): 1 and 2 GPUs profiled, DDP
 #                                          # settings compared (their environment knobs were removed after it)
@@ -36,6 +38,21 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 on_gpu() {  # gpu, log name, command...: run in the background on one GPU
   local gpu=$1 log=$2; shift 2
   CUDA_VISIBLE_DEVICES=$gpu "$@" >"$OUT/$log.log" 2>&1 &
+}
+small_row() {  # row name, tree, processes, torchrun options...: lightweight_small with $ROW_ARGS; one line of
+  # rows.txt (steady tokens/s, peak GiB, final train and eval loss) and its metrics.jsonl
+  local name=$1 tree=$2 n=$3; shift 3
+  (cd "$tree" && torchrun --standalone --nproc_per_node "$n" "$@" lightweight_small.py $ROW_ARGS \
+    --output-dir "/tmp/row-$name" >"$OUT/$name.log" 2>&1)
+  cp "/tmp/row-$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
+  python -c "import json; d = json.load(open('/tmp/row-$name/summary.json')); print('$name', *(d.get(k) for k in
+    ('steady_tokens_per_second', 'peak_memory_gib', 'final_train_loss', 'final_eval_loss')))" >>"$OUT/rows.txt"
+}
+default_chunks_copy() {  # /tmp/default-chunks: this tree with liger's default chunks of logits (harness/loss.py)
+  rm -rf /tmp/default-chunks && cp -r . /tmp/default-chunks
+  sed -i 's/^LIGER_CHUNKS_AS_FOR_WIDTH = 2048$/LIGER_CHUNKS_AS_FOR_WIDTH = 1/' /tmp/default-chunks/harness/loss.py
+  grep -q '^LIGER_CHUNKS_AS_FOR_WIDTH = 1$' /tmp/default-chunks/harness/loss.py \
+    || { echo "the copy kept the new chunks" >&2; exit 1; }
 }
 case $CALL in
 steady)
@@ -184,34 +201,51 @@ chunks10)  # session 10 (call 42, 2 x H200): liger's chunks of logits as for a 2
   # the fused-loss GPU tests; steps 40-41 of 2 processes profiled
   python -m pytest -q tests/test_models.py -k 'fused or padded' >"$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >>"$OUT/gpu_tests.log"
-  A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
-  small() {  # row name, tree, processes
-    (cd "$2" && torchrun --standalone --nproc_per_node $3 lightweight_small.py $A --output-dir /tmp/c10-$1 \
-      >"$OUT/$1.log" 2>&1)
-    cp /tmp/c10-$1/metrics.jsonl "$OUT/${1}_metrics.jsonl"
-    python -c "import json; d = json.load(open('/tmp/c10-$1/summary.json')); print('$1', *(d.get(k) for k in
-      ('steady_tokens_per_second', 'peak_memory_gib', 'final_train_loss', 'final_eval_loss')))" >>"$OUT/rows.txt"
-  }
+  ROW_ARGS="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
   for n in 1 2; do
-    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/c10-warm >/dev/null 2>&1
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $ROW_ARGS --output-dir /tmp/c10-warm >/dev/null 2>&1
   done
-  rm -rf /tmp/default-chunks && cp -r . /tmp/default-chunks
-  sed -i 's/^LIGER_CHUNKS_AS_FOR_WIDTH = 2048$/LIGER_CHUNKS_AS_FOR_WIDTH = 1/' /tmp/default-chunks/harness/loss.py
-  grep -q '^LIGER_CHUNKS_AS_FOR_WIDTH = 1$' /tmp/default-chunks/harness/loss.py \
-    || { echo "the copy kept the new chunks" >&2; exit 1; }
-  small default-1gpu /tmp/default-chunks 1
-  small wide-1gpu . 1
-  small default-2gpu /tmp/default-chunks 2
-  small wide-2gpu . 2
-  small default-2gpu-again /tmp/default-chunks 2
-  small wide-2gpu-again . 2
-  small wide-1gpu-again . 1
-  torchrun --standalone --nproc_per_node 2 lightweight_small.py $A --profile "$OUT/profile-wide2" --profile-first 40 \
+  default_chunks_copy
+  small_row default-1gpu /tmp/default-chunks 1
+  small_row wide-1gpu . 1
+  small_row default-2gpu /tmp/default-chunks 2
+  small_row wide-2gpu . 2
+  small_row default-2gpu-again /tmp/default-chunks 2
+  small_row wide-2gpu-again . 2
+  small_row wide-1gpu-again . 1
+  torchrun --standalone --nproc_per_node 2 lightweight_small.py $ROW_ARGS --profile "$OUT/profile-wide2" --profile-first 40 \
     --output-dir /tmp/c10-prof >"$OUT/profile_wide2.log" 2>&1
   python scripts/trace_streams.py "$OUT/profile-wide2/trace.json.gz" >"$OUT/streams_wide2.md" 2>&1
   mv "$OUT/profile-wide2/trace.json.gz" /tmp/trace_wide2.json.gz
   tar -czf /tmp/logs.tgz -C "$OUT" --exclude rows.txt --exclude "streams_*" . && mv /tmp/logs.tgz "$OUT/" \
     && rm -rf "$OUT"/*.log "$OUT"/*_metrics.jsonl "$OUT"/profile-* && mv /tmp/trace_wide2.json.gz "$OUT/" ;;
+hosts11)  # for the next session, not run (2 x H200, about 6 min): why each host op ran ~1.6x slower with two
+  # processes (call 41), and torchrun's --numa-binding against it; lightweight_small as call 42's rows
+  { lscpu; nvidia-smi topo -m; cat /sys/fs/cgroup/cpu.max; nproc; command -v numactl; } >"$OUT/host.txt" 2>&1
+  ROW_ARGS="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
+  for n in 1 2; do
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $ROW_ARGS --output-dir /tmp/h11-warm >/dev/null 2>&1
+  done
+  small_row 1gpu . 1
+  small_row 2gpu . 2
+  small_row 2gpu-numa-node . 2 --numa-binding node
+  small_row 2gpu-numa-exclusive . 2 --numa-binding exclusive
+  small_row 2gpu-again . 2
+  small_row 1gpu-numa-node . 1 --numa-binding node
+  small_row 1gpu-again . 1
+  tar -czf /tmp/logs.tgz -C "$OUT" --exclude rows.txt --exclude host.txt . && mv /tmp/logs.tgz "$OUT/" \
+    && rm -f "$OUT"/*.log "$OUT"/*_metrics.jsonl ;;
+stall11)  # for the next session, not run (one H200, about 4 min): call 44's stalled step 10 (0.55 s, an epoch's end)
+  # and slow first evaluation; the benchmark's lightweight_small row logged every step, larger and default chunks
+  ROW_ARGS="--init random --wandb off --no-checkpoints --max-steps 64 --logging-steps 1"
+  torchrun --standalone --nproc_per_node 1 lightweight_small.py $ROW_ARGS --output-dir /tmp/s11-warm >/dev/null 2>&1
+  default_chunks_copy
+  for i in 1 2; do small_row "wide-$i" . 1; small_row "default-$i" /tmp/default-chunks 1; done
+  for f in /tmp/row-*/summary.json; do  # the per-step times of each row (CUDA events, read after training)
+    python -c "import json, sys; print(sys.argv[1], json.load(open(sys.argv[1]))['step_seconds_timeline'])" "$f"
+  done >"$OUT/step_seconds.txt"
+  tar -czf /tmp/logs.tgz -C "$OUT" --exclude rows.txt --exclude step_seconds.txt . && mv /tmp/logs.tgz "$OUT/" \
+    && rm -f "$OUT"/*.log "$OUT"/*_metrics.jsonl ;;
 offload)  # session 8: the compared steady rows on GPU 0 with nothing beside them (NOTES.md, call 33)
   export CUDA_VISIBLE_DEVICES=0
   python -c "import inspect, torch.autograd.graph as g; print(inspect.getsource(g.save_on_cpu))" >"$OUT/save_on_cpu.txt"
@@ -268,5 +302,5 @@ scale)
   gib=${START_GIB:-13.5}  # the smallest budget in 0.5 GiB steps: down while it trains, else up until it does
   if trains_at "$gib"; then while trains_at "$(step "$gib" -0.5)"; do gib=$(step "$gib" -0.5); done
   else for _ in 1 2 3 4 5; do gib=$(step "$gib" 0.5); trains_at "$gib"; [ $? -ne 1 ] && break; done; fi ;;
-*) echo "usage: bash scripts/gpu_calls.sh steady|jobs|alone|rows_and_jobs|rows9|final|alone9|budgets9|ddp9|ddp10|chunks10|offload|leads|scale OUT" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_calls.sh steady|jobs|alone|rows_and_jobs|rows9|final|alone9|budgets9|ddp9|ddp10|chunks10|hosts11|stall11|offload|leads|scale OUT" >&2; exit 2 ;;
 esac
