@@ -167,30 +167,22 @@ ddp10)  # session 10 (call 41, 2 x H200): where a 2-GPU step's extra time goes (
   # profiled, traces read by scripts/trace_streams.py), and DDP's settings against it, one row after another.
   # The settings came from environment knobs (LWF_DDP_*) in commit 2abddaf's harness/measure.py, removed since:
   grep -q LWF_DDP_ harness/measure.py || { echo "ddp10 needs commit 2abddaf's tree (its DDP knobs are gone)" >&2; exit 2; }
-  A="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
-  small() {  # row name, processes, environment settings...
-    local name=$1 n=$2; shift 2
-    env "$@" torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/d10-$name \
-      >"$OUT/$name.log" 2>&1
-    cp /tmp/d10-$name/metrics.jsonl "$OUT/${name}_metrics.jsonl"
-    python -c "import json; d = json.load(open('/tmp/d10-$name/summary.json')); print('$name', *(d.get(k) for k in
-      ('steady_tokens_per_second', 'peak_memory_gib', 'final_train_loss', 'final_eval_loss')))" >>"$OUT/rows.txt"
-  }
+  ROW_ARGS="--init random --wandb off --no-checkpoints --tokens-per-step 65536 --max-steps 64 --eval-every 64 --logging-steps 1"
   for n in 1 2; do  # compile caches, then steps 40-41 profiled
-    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --output-dir /tmp/d10-warm >/dev/null 2>&1
-    torchrun --standalone --nproc_per_node $n lightweight_small.py $A --profile "$OUT/profile-ddp$n" --profile-first 40 \
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $ROW_ARGS --output-dir /tmp/d10-warm >/dev/null 2>&1
+    torchrun --standalone --nproc_per_node $n lightweight_small.py $ROW_ARGS --profile "$OUT/profile-ddp$n" --profile-first 40 \
       --output-dir /tmp/d10-prof$n >"$OUT/profile_ddp$n.log" 2>&1
     python scripts/trace_streams.py "$OUT/profile-ddp$n/trace.json.gz" >"$OUT/streams_ddp$n.md" 2>&1
   done
-  small 1gpu 1 PLAIN=1  # (env needs one setting)
-  small 2gpu 2 PLAIN=1
-  small 2gpu-bucket100 2 LWF_DDP_BUCKET_MB=100
-  small 2gpu-bucket400 2 LWF_DDP_BUCKET_MB=400
-  small 2gpu-static 2 LWF_DDP_STATIC_GRAPH=1
-  small 2gpu-bf16hook 2 LWF_DDP_COMM_HOOK=bf16
-  small 2gpu-nccl8ch 2 NCCL_MAX_NCHANNELS=8
-  small 1gpu-again 1 PLAIN=1
-  small 2gpu-again 2 PLAIN=1
+  small_row 1gpu . 1
+  small_row 2gpu . 2
+  LWF_DDP_BUCKET_MB=100 small_row 2gpu-bucket100 . 2  # the setting is in the function's environment
+  LWF_DDP_BUCKET_MB=400 small_row 2gpu-bucket400 . 2
+  LWF_DDP_STATIC_GRAPH=1 small_row 2gpu-static . 2
+  LWF_DDP_COMM_HOOK=bf16 small_row 2gpu-bf16hook . 2
+  NCCL_MAX_NCHANNELS=8 small_row 2gpu-nccl8ch . 2
+  small_row 1gpu-again . 1
+  small_row 2gpu-again . 2
   tar -czf /tmp/traces.tgz -C "$OUT" profile-ddp1/trace.json.gz profile-ddp2/trace.json.gz && mv /tmp/traces.tgz "$OUT/"
   rm -f "$OUT"/profile-*/trace.json.gz
   tar -czf /tmp/logs.tgz -C "$OUT" --exclude traces.tgz --exclude rows.txt --exclude "streams_*" . \

@@ -16,6 +16,10 @@ import statistics
 from collections import defaultdict
 
 
+def spans(events) -> list[tuple[float, float]]:
+    return [(e["ts"], e["ts"] + e["dur"]) for e in events]
+
+
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged = []
     for start, end in sorted(intervals):
@@ -63,12 +67,12 @@ def report(kernels: list[dict], gaps: int) -> list[str]:
     lines = [f"window {(end - start) / 1e3:.1f} ms (first kernel's start to last kernel's end)", "",
              "| stream | kernels | busy ms | NCCL ms |", "|---|---|---|---|"]
     for stream, events in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
-        busy = covered(union([(e["ts"], e["ts"] + e["dur"]) for e in events]))
-        nccl = covered(union([(e["ts"], e["ts"] + e["dur"]) for e in events if is_nccl(e)]))
+        busy = covered(union(spans(events)))
+        nccl = covered(union(spans(filter(is_nccl, events))))
         lines.append(f"| {stream} | {len(events)} | {busy / 1e3:.2f} | {nccl / 1e3:.2f} |")
     compute = [e for e in kernels if not is_nccl(e)]
-    compute_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in compute])
-    nccl_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if is_nccl(e)])
+    compute_busy = union(spans(compute))
+    nccl_busy = union(spans(filter(is_nccl, kernels)))
     shared = overlap(compute_busy, nccl_busy)
     lines += ["", f"compute busy {covered(compute_busy) / 1e3:.2f} ms, idle "
                   f"{(end - start - covered(compute_busy)) / 1e3:.2f} ms of the window",
@@ -103,7 +107,7 @@ def contention_lines(compute: list[dict], nccl_busy: list[tuple[float, float]]) 
         return []
     alone, beside = defaultdict(list), defaultdict(list)
     for e in compute:
-        shared = overlap([(e["ts"], e["ts"] + e["dur"])], nccl_busy)
+        shared = overlap(spans([e]), nccl_busy)
         (beside if shared > 0.5 * e["dur"] else alone)[e["name"]].append(e["dur"])
     rows = []
     for name in set(alone) & set(beside):
