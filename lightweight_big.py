@@ -83,6 +83,12 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
     model = AutoModelForCausalLM.from_pretrained(weights, **options)
     if not on("nf4"):
         model.to(device)
+    elif device.type == "cpu":  # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel at the first
+        # forward without grad in eval mode, on CPUs with AVX512-BF16, and never unpacks it for training: the next
+        # training step fails (`result += bias` in matmul_4bit). A model that trains keeps the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+                module.support_avx512bf16_for_cpu = False
     if on("sdpa"):
         use_gpt_neo_sdpa(model)
     vocab_size = model.config.vocab_size

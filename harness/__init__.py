@@ -11,7 +11,13 @@
 - signals: Ctrl-C / SIGTERM, checkpoints to resume from, no resumable checkpoint at the end
 - garbage: Python's garbage collector between optimizer steps (the lightweight scripts' gc_paused)
 """
+import logging
+
 from harness.cli import Technique
 from harness.session import LeanerMemory, session
 
 __all__ = ["LeanerMemory", "Technique", "session"]
+
+# bitsandbytes, imported on a CPU with AVX512-BF16, warns that an optional kernel package (`kernels`, from the hub) is
+# missing; it then uses its own CPU kernels, which the tiny CPU runs need. Only that notice is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in str(record.msg))
