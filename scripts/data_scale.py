@@ -128,7 +128,7 @@ def main(argv=None):
         cache = work / f"cache-{label}"
         for phase in ("cold", "warm") if warm else ("cold",):
             if any(r["corpus"] == label and r["phase"] == phase for r in rows):
-                continue  # measured by an earlier call with this --work
+                continue  # measured by an earlier run of this command with this --work
             out = work / f"run-{label}-{phase}"
             result = measure(script, corpus, cache, out, steps, work / f"{label}-{phase}.log")
             rows.append({"corpus": label, "mb": mb, "script": script, "steps": steps, "phase": phase, **result})
@@ -156,7 +156,7 @@ def main(argv=None):
 def write_table(rows: list[dict], out: Path, command_args: str) -> None:
     cpu = platform.processor() or platform.machine()
     lines = [
-        "# Data path against corpus size (issue 14)",
+        "# Data path against corpus size",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d} on a CPU machine ({os.cpu_count()} cores shared with other "
         f"jobs, {psutil.virtual_memory().total / GIB:.0f} GiB, {cpu}); {versions()}.",
@@ -182,7 +182,7 @@ def write_table(rows: list[dict], out: Path, command_args: str) -> None:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """Issue 14's targets, checked against the rows that measure them (a missing run says so)."""
+    """The data path's targets, checked against the rows that measure them (a missing run says so)."""
     def row(corpus, phase="cold"):
         return next((r for r in rows if r["corpus"] == corpus and r["phase"] == phase), None)
 
@@ -190,7 +190,7 @@ def targets(rows: list[dict]) -> list[str]:
         return (f"| {name} | {target} | not measured |" if value is None else
                 f"| {name} | {target} | {value} {'(met)' if ok else '(MISSED)'} |")
 
-    lines = ["| target (issue 14) | wanted | measured |", "|---|---|---|"]
+    lines = ["| target | wanted | measured |", "|---|---|---|"]
     for corpus in ("200 MB JSON Lines", "1 GB JSON Lines"):
         r = row(corpus)
         lines.append(check(f"peak RSS, {corpus}, cold", r and f"{r['peak_rss_gib']:.2f} GiB",
