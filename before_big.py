@@ -10,7 +10,8 @@ import before_small
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
 SIZES = dict(micro_batch=8, seq_len=512,
-             tokens_per_step=32768)    # = 8 x 512 x 8 accumulation; the same slots per step as lightweight_big
+             tokens_per_step=32768,    # = 8 x 512 x 8 accumulation; the same slots per step as lightweight_big
+             learning_rate=before_small.LEARNING_RATE)
 
 
 def main(argv=None):

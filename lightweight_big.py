@@ -7,14 +7,17 @@ this script with its own techniques switched: `python lightweight_big.py` follow
 """
 import functools
 import gc
+import math
 
 from common import packed_dataset, padded_dataset
 from harness import LeanerMemory, Technique, session
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
+LEARNING_RATE = 5e-5                   # peak, decayed linearly to 0 (--lr)
 SIZES = dict(micro_batch=32,           # one micro-batch per step: its host work (peft, bitsandbytes, recompute) is
-             seq_len=1024,             # paid once, not twice (40.8k tokens/s in 7.1 GiB, call 21; two of 16: 38.4k
-             tokens_per_step=32768)    # in 4.1 GiB, call 20); auto_micro_batch halves it to fit the GPU or budget
+             seq_len=1024,             # paid once, not twice (6% more tokens/s than two of 16, in 7.1 GiB against
+             tokens_per_step=32768,    # 4.1); auto_micro_batch halves it to fit the GPU or budget
+             learning_rate=LEARNING_RATE)
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]  # every attention and MLP projection
 TECHNIQUES = {
@@ -33,11 +36,11 @@ TECHNIQUES = {
                               "NaN/inf filter of the logged loss, which reads every micro-batch's loss on the host, "
                               "is off (a NaN loss is then logged as NaN)"),
     # No selective activation checkpointing (keep the matmul outputs, recompute the rest): its policy runs in
-    # Python for every op, and the step became CPU-bound: 9.2k tokens/s at 8 GiB against 36.4k (NOTES.md, call 13).
+    # Python for every op, and the step became CPU-bound: 9.2k tokens/s at 8 GiB against 36.4k.
     # No torch.compile of the GPT-Neo blocks: it lost at every budget (8 GiB 37.1k vs 40.1k tokens/s, 4 GiB 19.8k
-    # vs 21.5k, 2 GiB 9.8k vs 10.8k), and its profile showed the same kernels as without it (NOTES.md, call 18).
+    # vs 21.5k, 2 GiB 9.8k vs 10.8k), and its profile showed the same kernels as without it.
     # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms and
-    # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB), NOTES.md.
+    # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB).
     "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
     "sdpa": Technique("this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window); off: eager"),
     "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
@@ -54,12 +57,16 @@ TECHNIQUES = {
                            needs=("lora",)),
     "bf16": Technique("bf16 autocast of the whole model", default=False, cuda_only=True),
     "paged_adamw_32bit": Technique("paged 32-bit AdamW (bitsandbytes)", default=False),
+    "qlora_py_adapters": Technique("LoRA as qlora.py's defaults: rank 64, alpha 16, dropout 0.05", default=False,
+                                   needs=("lora",)),
 }
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
                    "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch", "--off", "gc_paused",
                    "--off", "offload_checkpoints", "--off", "step_overlap",
                    "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
+# qlora.py's own defaults: r=64, alpha 16, dropout 0.05, paged 32-bit AdamW, 1 x 16 accumulation
+QLORA_PY_DEFAULTS = [*REFERENCE_QLORA, "--on", "qlora_py_adapters", "--micro-batch", "1", "--tokens-per-step", "16384"]
 
 
 def load_model(weights, on, device, half, checkpoint_layers=None):
@@ -93,7 +100,7 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         use_gpt_neo_sdpa(model)
     vocab_size = model.config.vocab_size
     if on("pad_vocab"):  # an odd vocabulary (50,257) leaves the output matmuls unaligned: 15% of the GPU time went
-        # to cutlass_75 ... align1 kernels (--profile, NOTES.md call 13). The tied embedding grows with it; the
+        # to cutlass_75 ... align1 kernels (--profile). The tied embedding grows with it; the
         # new rows are never looked up (token ids < vocab_size), and the loss masks their logits.
         model.resize_token_embeddings(pad_to_multiple_of=64, mean_resizing=False)
         model.config.vocab_size = vocab_size  # the vocabulary itself is unchanged: peft, which saves the embedding
@@ -102,7 +109,8 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
     if on("kbit_prep"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if on("lora"):
-        model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+        rank, alpha, dropout = (64, 16, 0.05) if on("qlora_py_adapters") else (LORA_RANK, LORA_ALPHA, 0.0)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     if on("lora_autocast"):
         # Without autocast, peft casts each adapted layer's input to the adapters' fp32 and their output back:
@@ -130,9 +138,10 @@ def checkpoint_blocks(model, layers=None, offload=False):
 def offload_to_fit(model, layers=None) -> LeanerMemory:
     """offload_checkpoints, as the micro-batch probe tries it: a split step is bound by each micro-batch's host work
     (peft, bitsandbytes, launches) whatever its rows, so fewer micro-batches are worth a copy of each checkpointed
-    block's input to the CPU and back (4 GiB: 16 x 2 offloaded against 8 x 4, +51%, NOTES.md, call 33)."""
+    block's input to the CPU and back (rows lightweight_big-4gib, 16 x 2 offloaded, and
+    lightweight_big-4gib-no-offload_checkpoints, 8 x 4: +31% tokens/s)."""
     return LeanerMemory(functools.partial(checkpoint_blocks, model, layers),
-                        "with the checkpointed activations offloaded to the CPU", variant="offload")
+                        "with the checkpointed activations offloaded to the CPU")
 
 
 def main(argv=None):
@@ -140,19 +149,19 @@ def main(argv=None):
         import torch
         from transformers import TrainingArguments
 
-        on, half = run.on, run.bf16_or_fp16
-        checkpoint_layers = getattr(run.args, "checkpoint_layers", None)
+        on, half, args = run.on, run.bf16_or_fp16, run.args
+        checkpoint_layers = getattr(args, "checkpoint_layers", None)
         model = load_model(run.weights, on, run.device, half, checkpoint_layers)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
-            train_set = packed_dataset(run.train_records, run.args.seq_len)
+            train_set = packed_dataset(run.train_records, args.seq_len)
         else:
-            train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
+            train_set = padded_dataset(run.train_records, args.seq_len, run.tokenizer.pad_token_id)
         optim = ("paged_adamw_8bit" if on("paged_adamw_8bit") else
                  "paged_adamw_32bit" if on("paged_adamw_32bit") else "adamw_torch")
         # whole-model autocast: the bf16 technique; on a GPU without bf16 always, since the fp16 base's gradients
         # need loss scaling, and TrainingArguments gives a GradScaler only with fp16 autocast
         autocast = on("bf16") or half == torch.float16
-        micro_batch = run.args.micro_batch
+        micro_batch = args.micro_batch
         if on("auto_micro_batch"):
             offload = None
             if on("offload_checkpoints") and on("grad_checkpointing"):
@@ -161,14 +170,22 @@ def main(argv=None):
         if on("offload_checkpoints") and run.leaner_unused:  # the record says it was not used, and why
             on.skip("offload_checkpoints", run.leaner_unused if on("grad_checkpointing") else
                     "needs grad_checkpointing")
+        steps = run.steps_to_train(train_set, micro_batch)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
+            num_train_epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, data_seed=args.seed,
+            learning_rate=args.lr, lr_scheduler_type="linear",
             bf16=autocast and half == torch.bfloat16, fp16=autocast and half == torch.float16,
             tf32=on("tf32"), optim=optim,
+            logging_steps=args.logging_steps, prediction_loss_only=True,
             logging_nan_inf_filter=not on("step_overlap"),  # the filter waited for each micro-batch's loss
-            **run.shared_training_arguments(train_set, micro_batch))
+            eval_strategy="steps", eval_steps=args.eval_every or math.ceil(steps / 4),  # --eval-every 0: four times
+            # checkpoints to resume from every --save-every steps; none at the end, where the trained model is saved
+            save_strategy="steps" if args.save_every and not args.no_checkpoints else "no",
+            save_steps=args.save_every or steps, save_total_limit=2,
+            **run.plumbing_arguments())
         # one shape: an epoch's short last micro-batch ran at 29k tokens/s against 43k, more than its fewer rows
-        # explain (call 21); filled to the micro-batch's shape it ran at 41k (call 22; NOTES.md)
+        # explain; filled to the micro-batch's shape it ran at 41k
         callbacks = []
         if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
             from harness.garbage import CollectBetweenSteps

@@ -7,18 +7,21 @@ is one guarded block below; `--off NAME` switches one off (the ablation).
 """
 import functools
 import gc
+import math
 
 from common import packed_dataset, padded_dataset
 from harness import LeanerMemory, Technique, session
 
 MODEL = "facebook/opt-350m"
+LEARNING_RATE = 5e-5                   # peak, decayed linearly to 0 (--lr); before_small's
 # compiling costs 1.1-1.5 s of a job with a warm cache (about 11 s cold) and saves at most 0.023 s a step on an
-# H200 (180.0k against 160.0k tokens/s, the uncompiled run logged every step): it breaks even at 48-65 steps or
-# later, and the default job (10 steps) is sooner without it (NOTES.md, call 35)
+# H200 (rows lightweight_small and lightweight_small-no-compile): it breaks even at 48-65 steps or later, and the
+# default job (10 steps) is sooner without it
 COMPILE_PAYS_FROM_STEPS = 64
 SIZES = dict(micro_batch=32,           # 32 x 1024 tokens per forward pass keeps the H200 busy
              seq_len=1024,
-             tokens_per_step=32768)    # = 32 x 1024, no accumulation; the same slots per step as before_small
+             tokens_per_step=32768,    # = 32 x 1024, no accumulation; the same slots per step as before_small
+             learning_rate=LEARNING_RATE)
 TECHNIQUES = {
     "bf16": Technique("bf16 autocast, fp32 master weights (fp16 where the GPU lacks bf16)", cuda_only=True),
     "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
@@ -39,7 +42,14 @@ TECHNIQUES = {
     "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
                            "training, setup's objects frozen and the new ones collected every 50 steps, between steps",
                            at_start=gc.disable),
+    # off by default: the benchmark's strongest peer
+    "trainer_compile": Technique("transformers' Trainer compiling the whole model (TrainingArguments torch_compile), "
+                                 "the peer's choice", default=False, cuda_only=True),
 }
+# The strongest peer the benchmark compares with: transformers' Trainer with --bf16 --tf32 --optim adamw_torch_fused
+# --torch_compile, SDPA and run_clm's packing, as this script with its own techniques switched
+STRONGEST_PEER = ["--off", "fused_ce", "--off", "compile", "--on", "trainer_compile", "--off", "auto_micro_batch",
+                  "--off", "gc_paused", "--off", "step_overlap", "--off", "checkpoint_to_fit"]
 
 
 def load_model(weights, on, device):
@@ -64,11 +74,11 @@ def checkpoint_layers(model, recompute: bool) -> None:
 
 def recompute_to_fit(model) -> LeanerMemory:
     """checkpoint_to_fit, as the micro-batch probe tries it: from 4 micro-batches a step, which are bound by each one's
-    host work (16 GiB: 8 rows x 4, 88.7k tokens/s; recomputed, 32 x 1: 148.0k; NOTES.md, call 39). At 2 (24 GiB,
-    16 x 2) the recompute's third more GPU work is predicted to cost about what one micro-batch less saves (not
-    measured)."""
+    host work (row lightweight_small-16gib-no-checkpoint_to_fit, 8 rows x 4: 88.7k tokens/s; lightweight_small-16gib,
+    recomputed, 32 x 1: 148.0k). At 2 (24 GiB, 16 x 2) the recompute's third more GPU work is predicted to cost
+    about what one micro-batch less saves (not measured)."""
     return LeanerMemory(functools.partial(checkpoint_layers, model), "with every layer recomputed in backward",
-                        variant="checkpointed", from_split=4)
+                        from_split=4)
 
 
 def main(argv=None):
@@ -76,18 +86,19 @@ def main(argv=None):
         import torch
         from transformers import TrainingArguments
 
-        on = run.on
+        on, args = run.on, run.args
         model = load_model(run.weights, on, run.device)
-        micro_batch = run.args.micro_batch
+        optim = "adamw_torch_fused" if on("fused_adamw") else "adamw_torch"
+        micro_batch = args.micro_batch
         if on("auto_micro_batch"):  # a 16 or 24 GiB GPU takes a smaller one than the H200's 32
             recompute = recompute_to_fit(model) if on("checkpoint_to_fit") else None
-            micro_batch = run.largest_micro_batch(model, "adamw_torch_fused", autocast=on("bf16"), leaner=recompute)
+            micro_batch = run.largest_micro_batch(model, optim, autocast=on("bf16"), leaner=recompute)
         if on("checkpoint_to_fit") and run.leaner_unused:  # the record says it was not used, and why
             on.skip("checkpoint_to_fit", run.leaner_unused)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
-            train_set = packed_dataset(run.train_records, run.args.seq_len)
+            train_set = packed_dataset(run.train_records, args.seq_len)
         else:
-            train_set = padded_dataset(run.train_records, run.args.seq_len, run.tokenizer.pad_token_id)
+            train_set = padded_dataset(run.train_records, args.seq_len, run.tokenizer.pad_token_id)
         steps = run.steps_to_train(train_set, micro_batch)
         if on("compile") and steps < COMPILE_PAYS_FROM_STEPS:
             on.skip("compile", f"{steps} steps; it pays for itself from about {COMPILE_PAYS_FROM_STEPS}")
@@ -95,23 +106,29 @@ def main(argv=None):
             for layer in model.model.decoder.layers:
                 layer.compile()
             # under DDP, keep each layer one graph: dynamo would split it at DDP's 25 MB gradient buckets, losing
-            # fusions (2 GPUs: +16% memory per GPU, 1.78x; unsplit: +0%, 1.85x; NOTES.md, calls 15 and 17)
+            # fusions (2 GPUs: split, +16% memory per GPU and 1.78x the tokens/s of one; unsplit, +0% and 1.85x)
             torch._dynamo.config.optimize_ddp = False  # a documented dynamo setting (torch._dynamo.config)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
+            num_train_epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, data_seed=args.seed,
+            learning_rate=args.lr, lr_scheduler_type="linear",
             bf16=on("bf16") and run.bf16_or_fp16 == torch.bfloat16,  # autocast; fp32 master weights
             fp16=on("bf16") and run.bf16_or_fp16 == torch.float16,
-            tf32=on("tf32"),
-            optim="adamw_torch_fused" if on("fused_adamw") else "adamw_torch",
+            tf32=on("tf32"), optim=optim, torch_compile=on("trainer_compile"),
+            logging_steps=args.logging_steps, prediction_loss_only=True,
             logging_nan_inf_filter=not on("step_overlap"),  # the filter waited for each micro-batch's loss
-            **run.shared_training_arguments(train_set, micro_batch))
+            eval_strategy="steps", eval_steps=args.eval_every or math.ceil(steps / 4),  # --eval-every 0: four times
+            # checkpoints to resume from every --save-every steps; none at the end, where the trained model is saved
+            save_strategy="steps" if args.save_every and not args.no_checkpoints else "no",
+            save_steps=args.save_every or steps, save_total_limit=2,
+            **run.plumbing_arguments())
         callbacks = []
         if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
             from harness.garbage import CollectBetweenSteps
             callbacks.append(CollectBetweenSteps(every=50))
         run.train(model, training_args, train_set, one_batch_shape=on("compile"),  # compile: no recompilation,
                   # and evaluation uncompiled: its own graphs took 0.7-1.1 s to load at the first evaluation, where
-                  # an evaluation takes 0.04 s (NOTES.md, call 29)
+                  # an evaluation takes 0.04 s
                   evaluate_eagerly=on("compile"), callbacks=callbacks)
     return run.summary
 

@@ -2,19 +2,23 @@
 
 - cli: the flags every script takes, technique switches (`on("nf4")`), validation, exit codes
 - session: one training run from the command line to summary.json (`with session(...) as run`)
+- training: the measuring Trainer's wiring, training, and what it measured
+- outcome: how a run ends: summary.json, the W&B run's end, the exit code
 - sources: where weights and tokenizer come from (hub, offline random init, tiny)
 - gpt_neo_sdpa: GPT-Neo attention through PyTorch's SDPA
 - loss: the causal-LM loss inside the model's forward (plain or liger's fused linear cross-entropy)
 - measure: the Trainer that measures tokens/s, memory and MFU; metrics.jsonl
 - wandb_run: the W&B run
-- budget: the GPU memory budget, the micro-batch probe and the out-of-memory report
+- budget: the GPU memory budget, what a recipe's states need, and the out-of-memory report
+- micro_batch: the micro-batch that fits the GPU (auto_micro_batch), and LeanerMemory to fit a larger one
 - signals: Ctrl-C / SIGTERM, checkpoints to resume from, no resumable checkpoint at the end
 - garbage: Python's garbage collector between optimizer steps (the lightweight scripts' gc_paused)
 """
 import logging
 
 from harness.cli import Technique
-from harness.session import LeanerMemory, session
+from harness.micro_batch import LeanerMemory
+from harness.session import session
 
 __all__ = ["LeanerMemory", "Technique", "session"]
 

@@ -1,11 +1,10 @@
-"""GPU memory: the --gpu-memory-gib budget, the micro-batch that fits it, and the out-of-memory report."""
+"""GPU memory: the --gpu-memory-gib budget, what a recipe's states need, and the out-of-memory report (the probe for
+the micro-batch that fits: harness/micro_batch.py)."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -111,90 +110,6 @@ def check_cpu_memory(script: str, model_id: str, config, frozen_base: bool, proc
         raise InputError(f"{line}: too little; use --model tiny for a CPU run, or a CUDA GPU")
     if not quiet:
         print(f"{script}: {line}; activations come on top (for a short CPU run: --model tiny)", file=sys.stderr)
-
-
-def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, optim: str, autocast_dtype,
-                       device, known_peaks: dict[int, int] | None = None, smallest: int = 1) -> int:
-    """The largest micro-batch (halving from `largest`, down to `smallest`) whose forward and backward fit the
-    budget; 0 if none of them fits and `smallest` is above 1 (at 1, running out of memory raises).
-
-    Optimizer states do not exist yet, so their estimated size is held in a placeholder during the trial.
-    Transformers' `auto_find_batch_size` retries after a failure but changes tokens per step; this keeps them.
-    autocast_dtype: the dtype the training step autocasts to (None: no autocast).
-    known_peaks: what a trial added to the memory allocated before it (bytes by micro-batch), measured before for
-    this recipe on this GPU; a micro-batch found there is not tried again, and each new trial's is added to it.
-    """
-    known_peaks = {} if known_peaks is None else known_peaks
-    estimate = state_memory_estimate_gib(model, optim)["optimizer states"]
-    headroom = 0.9 * budget_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
-
-    def trial_peak(micro: int) -> int:
-        # a function, so that a trial's tensors (its graph too, when backward ran out of memory) are freed
-        # once it ends, before the next, smaller trial starts
-        placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
-        ids = torch.randint(0, 100, (micro, seq_len), device=device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        del placeholder
-        return torch.cuda.max_memory_allocated()
-
-    model.train()  # from_pretrained returns eval mode, where gradient checkpointing is inactive
-    before = torch.cuda.memory_allocated()  # the weights (and whatever else this process holds)
-
-    def added_by_trial(micro: int) -> int | None:
-        """What a trial at `micro` adds to the memory in use; None if it ran out of memory (at 1: raised)."""
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            return trial_peak(micro) - before
-        except torch.OutOfMemoryError:
-            if micro == 1:
-                raise
-            return None
-        finally:
-            model.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-    micro = largest
-    while True:
-        if micro not in known_peaks:
-            added = added_by_trial(micro)
-            if added is not None:
-                known_peaks[micro] = added
-        if micro in known_peaks and (before + known_peaks[micro] <= headroom or micro == 1):
-            return micro
-        micro //= 2
-        if micro < smallest:
-            return 0
-
-
-def load_trial_peaks(path: Path, recipe: str) -> dict[int, int]:
-    """The trial peaks (bytes by micro-batch, as choose_micro_batch's known_peaks) an earlier run of `recipe` (a
-    hash of what they depend on) measured, from the JSON file at `path`; none if it is missing or unreadable."""
-    try:
-        return {int(micro): int(peak) for micro, peak in json.loads(path.read_text()).get(recipe, {}).items()}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return {}
-
-
-def save_trial_peaks(path: Path, recipe: str, peaks: dict[int, int]) -> None:
-    """Add `recipe`'s trial peaks to the file at `path` (written whole, then renamed into place). A cache: a file
-    that cannot be read is replaced, and one that cannot be written leaves the run as it is."""
-    try:
-        remembered = json.loads(path.read_text())
-        remembered = remembered if isinstance(remembered, dict) else {}
-    except (OSError, ValueError):
-        remembered = {}
-    remembered[recipe] = {str(micro): peak for micro, peak in sorted(peaks.items())}
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(remembered, indent=1) + "\n")
-        partial.replace(path)
-    except OSError:
-        partial.unlink(missing_ok=True)
 
 
 def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,

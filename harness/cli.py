@@ -120,7 +120,7 @@ def build_parser(script: str, model: str, techniques: dict[str, Technique], size
     p.add_argument("--seq-len", type=int, default=sizes["seq_len"], help="tokens per sequence (default: %(default)s)")
     p.add_argument("--tokens-per-step", type=int, default=sizes["tokens_per_step"],
                    help="token slots per optimizer step (micro-batch x seq-len x accumulation) (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=sizes.get("learning_rate", 5e-5),
+    p.add_argument("--lr", type=float, default=sizes["learning_rate"],
                    help="peak learning rate, linear decay (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="evaluate every N steps, and always at the end (default: 0, about four times per run)")

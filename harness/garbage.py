@@ -2,9 +2,9 @@
 
 A process that holds torch, transformers and dynamo's compiled graphs has about a million objects, and a full
 collection of them, which Python starts whenever enough objects were allocated, stalls the step it lands in.
-One run with the collector off ran lightweight_small's steps 6-10 at 186k tokens/s where others had 135k (calls
-25-28), though a slow window there outlived the paused collector (call 32): it has a second cause, not yet
-known (results/NOTES.md). With it paused, lightweight_small's job was 1.8 s shorter (call 30). The Trainer has
+One run with the collector off ran lightweight_small's steps 6-10 at 186k tokens/s where others had 135k, though
+a slow window there outlived the paused collector: it has a second cause, not yet known. With it paused,
+lightweight_small's job was 1.8 s shorter. The Trainer has
 no switch for it, so it is a TrainerCallback (the public hook) here. The scripts pause the collector at the
 start (their gc_paused), which also spares the imports' collections.
 """

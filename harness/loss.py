@@ -41,20 +41,6 @@ def put_loss_in_forward(model, fused: bool, vocab_size: int | None = None) -> No
     hf.forward = forward
 
 
-# liger cuts the logits into chunks of about (all rows) x width elements each (chunk_mem_const 1): for OPT-350m's
-# 512-wide output at 32 x 1024 tokens, 64 chunks of 512 rows. The host launched them more slowly than the GPU ran
-# them, right after liger's own wait for the GPU (`.item()`), so the GPU waited (2 GPUs: 8-12 ms a step; NOTES.md,
-# call 41). Chunks as for a 2048-wide output instead: 16 of 2048 rows for OPT-350m (206 MB of bf16 logits at a
-# time); GPT-Neo-1.3B, 2048 wide, keeps liger's default.
-LIGER_CHUNKS_AS_FOR_WIDTH = 2048
-
-
-def liger_chunk_mem_const(width: int) -> int:
-    """liger's chunk_mem_const for a `width`-wide output layer: chunks as for a LIGER_CHUNKS_AS_FOR_WIDTH-wide one
-    (rounded down to a whole multiple of liger's default, which is 1)."""
-    return max(1, LIGER_CHUNKS_AS_FOR_WIDTH // width)
-
-
 def lm_loss_sum(hidden, head, labels, fused: bool, vocab_size: int | None = None):
     """Summed next-token cross-entropy over labels != -100, from hidden states and the output layer `head`.
 
@@ -76,8 +62,7 @@ def lm_loss_sum(hidden, head, labels, fused: bool, vocab_size: int | None = None
         # (exp(-1e4) underflows in fp32), and their gradient with it; finite, unlike -inf, in every kernel's arithmetic
         bias = torch.zeros(rows, dtype=hidden.dtype, device=hidden.device).index_fill_(
             0, torch.arange(vocab_size, rows, device=hidden.device), -1e4) if padded else None
-        return liger_fused_linear_cross_entropy(hidden, weight, labels, bias, reduction="sum",
-                                                chunk_mem_const=liger_chunk_mem_const(hidden.shape[-1]))
+        return liger_fused_linear_cross_entropy(hidden, weight, labels, bias, reduction="sum")
     logits = head(hidden)
     if padded:
         logits = logits[:, :vocab_size]

@@ -1,14 +1,108 @@
-"""How a run ends: the exit code and the last line it prints."""
+"""How a run ends: summary.json, the end of the W&B run, the exit code and the last line it prints."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from harness.cli import EXIT_OOM
+from harness.clock import seconds_since_process_start
+
+
+GIB = 2**30
+
+
+def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None:
+    """Complete `run`'s summary (harness.session.Run), write summary.json and end W&B whatever happened; then exit
+    as the outcome says (or return). A crash other than running out of memory is raised again, with its traceback."""
+    import torch
+
+    summary, crash = run.summary, None
+    if isinstance(failure, torch.OutOfMemoryError):
+        summary["oom"] = True
+    elif failure is not None:
+        crash = failure
+        summary["error"] = f"{type(failure).__name__}: {failure}"
+    if failure is not None and run.trainer is not None:
+        summary.update(steps=run.trainer.state.global_step, tokens_trained=run.trainer.tokens_trained)
+    summary.update(peak_memory_gib=peak_memory_gib(run.cuda, run.world_size, run.device, failure is None),
+                   startup_seconds=startup_seconds)
+    if run.train_started is not None:  # setup: corpus, tokenizer, model, quantization, probe
+        summary["setup_seconds"] = run.train_started - startup_seconds
+        summary["setup_parts"] = run.setup_parts()
+    if run.trainer is not None and summary.get("steady_tokens_per_second"):
+        summary["mfu"] = run.trainer.mfu(summary["steady_tokens_per_second"])
+    if run.cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow
+        summary["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries")
+    if summary["oom"]:  # after the peak and the retries are read: the probe makes its own
+        summary["micro_batch_that_fits"] = micro_batch_after_oom(run, failure)
+        summary["oom_message"] = oom_line(run)
+    summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
+    write_summary(summary, run.output_dir, run.rank, failure is not None, run.wandb_run, run.script)
+    run.trainer = run.model = None
+    if crash is not None:
+        raise crash
+    exit_as_the_outcome_says(summary, run.script, run.main_process, run.world_size, not run.args.no_checkpoints, argv)
+
+
+def micro_batch_after_oom(run, failure: BaseException) -> int | None:
+    """After `run` ran out of memory in training on one GPU: harness.micro_batch.micro_batch_that_fits, once the
+    Trainer is dropped (run.trainer: None); None where none was probed, or where the probe failed otherwise (its
+    error in the summary: the out-of-memory line still comes).
+
+    One process only: under a launcher the others may have died, and an FSDP forward would then hang in an
+    all-gather that waits for them."""
+    from harness.micro_batch import micro_batch_that_fits
+
+    if not run.cuda or run.world_size > 1 or run.trainer is None or run.model is None:
+        return None
+    run.trainer = None  # the optimizer states, and the accelerator's references to them
+    try:
+        return micro_batch_that_fits(run.model, run.summary["micro_batch"], failure, run.args.seq_len,
+                                     run.args.gpu_memory_gib, run.optim, run.autocast_dtype, run.device)
+    except Exception as e:
+        run.summary["micro_batch_probe_error"] = f"{type(e).__name__}: {e}"
+        return None
+
+
+def oom_line(run) -> str:
+    """The line `run` ends with after running out of memory (harness.budget.oom_message)."""
+    from harness.budget import oom_message, state_memory_estimate_gib
+
+    estimate = state_memory_estimate_gib(run.model, run.optim) if run.model is not None else None
+    return oom_message(run.script, run.args.gpu_memory_gib, run.summary["peak_memory_gib"], estimate, run.rank,
+                       run.world_size, run.summary.get("micro_batch_that_fits"))
+
+
+def peak_memory_gib(cuda: bool, processes: int, device, all_processes_alive: bool) -> float | None:
+    """Peak CUDA memory since the budget was applied; the maximum over the processes where all can join."""
+    import torch
+
+    if not cuda:
+        return None
+    peak = torch.cuda.max_memory_allocated() / GIB
+    if processes > 1 and all_processes_alive:  # a failed process would not join this
+        peak_over_processes = torch.tensor([peak], device=device)
+        torch.distributed.all_reduce(peak_over_processes, op=torch.distributed.ReduceOp.MAX)
+        peak = peak_over_processes.item()
+    return peak
+
+
+def write_summary(summary: dict, output_dir: Path, rank: int, failed: bool, wandb_run, script: str) -> None:
+    """summary.json from the first process (rank 0), summary-rank{rank}.json from another that failed (the first may
+    never get to write its own); the W&B run, if one was started, ends with the summary."""
+    from harness.wandb_run import finish_wandb
+
+    if rank == 0 or failed:
+        name = "summary.json" if rank == 0 else f"summary-rank{rank}.json"
+        (output_dir / name).write_text(json.dumps(summary, indent=2) + "\n")
+    if wandb_run is not None:
+        finish_wandb(wandb_run, summary, failed, script)
 
 
 def exit_as_the_outcome_says(summary: dict, script: str, main_process: bool, processes: int, saved: bool,
@@ -38,7 +132,7 @@ def end_the_process(code: int | str | None) -> None:
 
     Everything the run writes is written and closed by then (summary.json, metrics.jsonl, checkpoints, the W&B
     run, finished explicitly). What is left is the final garbage collection over every object torch and
-    transformers created: 1.4-2.3 s of a whole job on the H200 (NOTES.md, call 14). `gc.freeze()` shortened it
+    transformers created: 1.4-2.3 s of a whole job on the H200. `gc.freeze()` shortened it
     too, but left Triton's bindings printing "leaked" objects at exit; `os._exit` runs no finalizers at all.
     """
     if watched_by_a_tool():  # a profiler or coverage writes its report at exit: a normal exit, slow or not

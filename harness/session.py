@@ -2,46 +2,26 @@
 
 Before the block: flags and corpus are checked (bad input: one line, exit 2, nothing written), the corpus is
 tokenized, the weights are located (a random-init checkpoint is saved on first use) and the memory budget is
-applied. In the block the script builds its model, data and TrainingArguments and calls `run.train(...)`.
-After it, whatever happened: summary.json, the end of the W&B run, and the exit code (3: out of memory).
+applied. In the block the script builds its model, data and TrainingArguments and calls `run.train(...)`
+(harness/training.py). After it, whatever happened: summary.json, the end of the W&B run, and the exit code
+(3: out of memory; harness/outcome.py).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import gc
-import json
 import math
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
 
 import common
 from harness import step_size
 from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
-from harness.outcome import end_the_process, exit_as_the_outcome_says
-from harness.signals import find_checkpoint
-
-GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class LeanerMemory:
-    """A way to hold fewer activations that costs time on every micro-batch, for the micro-batch probe
-    (`Run.largest_micro_batch`): worth it only where the memory splits the step into `from_split` or more
-    micro-batches, each paying its host work (launches, Python), and where it then fits one at least twice as large.
-
-    switch: turns it on (True) or off (False) on the model. how: what the console line adds when it is used.
-    variant: its trials' peaks are remembered apart from those without it.
-    """
-    switch: Callable[[bool], None]
-    how: str
-    variant: str
-    from_split: int = 2
+from harness.micro_batch import LeanerMemory
+from harness.outcome import end_the_process, finish
 
 
 @contextlib.contextmanager
@@ -68,7 +48,7 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
         except Exception as e:  # out of memory or a crash: summary.json and the W&B run still end consistent
             failure = e
         try:
-            run.finish(failure, startup_seconds, argv)
+            finish(run, failure, startup_seconds, argv)
         except SystemExit as e:  # out of memory (3) or stopped by a signal
             if argv is None:
                 end_the_process(e.code)
@@ -118,6 +98,8 @@ class Run:
         self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
+        from harness.signals import find_checkpoint
+
         self.checkpoint = find_checkpoint(args.output_dir, args.resume)
         self.setup_marks = {"startup": seconds_since_process_start()}  # setup's parts: see setup_parts()
         self.corpus = common.load_corpus(args.corpus, args.cache_dir)
@@ -200,15 +182,18 @@ class Run:
         return step_size.accumulation(micro_batch, self.world_size, self.args.seq_len, self.args.tokens_per_step,
                                       "attention_mask" in train_set.column_names, len(train_set), self.train_tokens)
 
+    def steps_to_train(self, train_set, micro_batch: int) -> int:
+        """The optimizer steps this run takes: --max-steps, or --epochs over `train_set`."""
+        per_epoch = step_size.steps_per_epoch(len(train_set), micro_batch, self.accumulation(micro_batch, train_set),
+                                              self.world_size)
+        return self.args.max_steps if self.args.max_steps > 0 else math.ceil(per_epoch * self.args.epochs)
+
     def largest_micro_batch(self, model, optim: str, autocast: bool, leaner: LeanerMemory | None = None) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
-        free memory or --gpu-memory-gib (the smallest over the processes of a launch).
-
-        leaner: where that micro-batch splits the step into `leaner.from_split` or more, the probe switches it on
-        and looks again, halving from the script's micro-batch down to twice the one without it; it stays on only
-        if one of those fits. `leaner_unused` then says why it is off (None: on).
-        """
+        free memory or --gpu-memory-gib (the smallest over the processes of a launch); harness.micro_batch.
+        `leaner_unused` then says why `leaner` is off (None: on)."""
         from harness.budget import available_gib
+        from harness.micro_batch import largest_micro_batch
 
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:
@@ -216,104 +201,29 @@ class Run:
             self.leaner_unused = f"no micro-batch probe ({self.micro_batch_reason})"
             return args.micro_batch
         budget = args.gpu_memory_gib or available_gib()
-        autocast_dtype = self.bf16_or_fp16 if autocast else None
-        micro_batch, how = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch)
-        if self.world_size > 1:  # every process must agree: the smallest (and so on whether to use `leaner`)
-            micro_batch = step_size.smallest_over_processes(micro_batch, self.device)
-        self.leaner_unused = self.why_not_leaner(micro_batch, leaner)
-        if self.leaner_unused is None:
-            leaner.switch(True)
-            larger, how_larger = self.micro_batch_within(model, budget, optim, autocast_dtype, args.micro_batch,
-                                                         variant=leaner.variant, smallest=2 * micro_batch)
-            if self.world_size > 1:
-                larger = step_size.smallest_over_processes(larger, self.device)
-            if larger > micro_batch:  # leaner_unused stays None: it is used
-                micro_batch, how = larger, f"{how_larger}, {leaner.how}"
-            else:
-                leaner.switch(False)  # no larger micro-batch fits with it: not worth its cost
-                self.leaner_unused = (f"with it, no micro-batch from {args.micro_batch} down to {2 * micro_batch} "
-                                      f"fit" + (" on every process" if self.world_size > 1 else ""))
+        rows_per_step = max(1, args.tokens_per_step // (args.seq_len * self.world_size))  # per process
+        micro_batch, how, self.leaner_unused = largest_micro_batch(
+            model, args.micro_batch, args.seq_len, rows_per_step, budget, optim,
+            self.bf16_or_fp16 if autocast else None, self.device, self.world_size, leaner)
         where = f"--gpu-memory-gib {budget:g}" if args.gpu_memory_gib else f"the {budget:.1f} GiB this GPU has free"
         self.micro_batch_reason = f"the largest that fits 90% of {where}, at most {args.micro_batch}; by {how}"
         return micro_batch
 
-    def why_not_leaner(self, micro_batch: int, leaner: LeanerMemory | None) -> str | None:
-        """Why the probe does not try `leaner` after choosing `micro_batch` without it (None: it tries)."""
-        args = self.args
-        rows = max(1, args.tokens_per_step // (args.seq_len * self.world_size))  # a step's rows per process
-        split = -(-rows // micro_batch)  # micro-batches a step (at least: padded rows carry fewer tokens)
-        if micro_batch >= args.micro_batch:
-            return ("one micro-batch a step: nothing to halve" if split <= 1 else
-                    f"micro-batch {micro_batch} is the script's largest: the memory does not split the step")
-        if leaner is None:
-            return "not offered"
-        if split < leaner.from_split:
-            return f"{split} micro-batches a step; used from {leaner.from_split}"
-        return None
-
-    def micro_batch_within(self, model, budget: float, optim: str, autocast_dtype, largest: int,
-                           variant: str = "", smallest: int = 1) -> tuple[int, str]:
-        """(the largest micro-batch, halving from `largest` down to `smallest`, whose trial step fits 90% of `budget`
-        GiB, 0 if none; how that was found). variant: what else the trial's peak depends on (part of the recipe its
-        peaks are kept under)."""
-        from harness.budget import choose_micro_batch, load_trial_peaks, save_trial_peaks
-
-        # a trial step's peak is the same on every run of this recipe on this GPU: remembered in --cache-dir, a
-        # later run skips the trials it already made (lightweight_small's probe took about 1.8 s of its job)
-        peaks_file = Path(self.args.cache_dir) / "micro_batch_trial_peaks.json"
-        recipe = self.trial_recipe(optim, autocast_dtype) + variant
-        peaks = load_trial_peaks(peaks_file, recipe)
-        remembered = set(peaks)
-        micro_batch = choose_micro_batch(model, largest, self.args.seq_len, budget, optim, autocast_dtype,
-                                         self.device, known_peaks=peaks, smallest=smallest)
-        if self.main_process and set(peaks) != remembered:  # one writer per launch, and only what is new
-            save_trial_peaks(peaks_file, recipe, peaks)
-        return micro_batch, (f"its trial's peak remembered in {peaks_file}" if micro_batch in remembered
-                             else "a trial step")
-
-    def trial_recipe(self, optim: str, autocast_dtype) -> str:
-        """A hash of what a micro-batch trial's peak memory depends on: script, techniques, model, sizes, optimizer,
-        autocast, the fused loss's chunks, GPU and library versions."""
-        import torch
-
-        from harness.loss import LIGER_CHUNKS_AS_FOR_WIDTH
-        from harness.measure import versions
-
-        return common.content_hash(self.script, self.on.names_on(), self.config.to_json_string(), self.args.seq_len,
-                                   getattr(self.args, "checkpoint_layers", None), optim, autocast_dtype,
-                                   LIGER_CHUNKS_AS_FOR_WIDTH, torch.cuda.get_device_name(self.device), versions())
-
-    def steps_to_train(self, train_set, micro_batch: int) -> int:
-        """The optimizer steps this run takes: --max-steps, or --epochs over `train_set`."""
-        per_epoch = step_size.steps_per_epoch(len(train_set), micro_batch, self.accumulation(micro_batch, train_set),
-                                              self.world_size)
-        return self.args.max_steps if self.args.max_steps > 0 else math.ceil(per_epoch * self.args.epochs)
-
-    def shared_training_arguments(self, train_set, micro_batch: int) -> dict:
-        """TrainingArguments every script shares: output, schedule, evaluation, saving, logging, devices."""
-        args = self.args
-        total_steps = self.steps_to_train(train_set, micro_batch)
+    def plumbing_arguments(self) -> dict:
+        """TrainingArguments that are plumbing, not the experiment: output, devices, W&B, data columns, FSDP."""
         return dict(
-            output_dir=str(self.output_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
-            learning_rate=args.lr, lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
-            logging_steps=args.logging_steps, eval_strategy="steps",
-            eval_steps=args.eval_every or math.ceil(total_steps / 4),
-            # checkpoints every --save-every steps (and on a stop signal); none at the end: see save_final_model
-            save_strategy="no" if args.no_checkpoints or not args.save_every else "steps",
-            save_steps=args.save_every or total_steps,
-            save_total_limit=2, report_to="none",  # W&B: the run started by `train`, through its callback
-            prediction_loss_only=True, use_cpu=not self.cuda, dataloader_pin_memory=self.cuda,
-            disable_tqdm=False, remove_unused_columns=False,
+            output_dir=str(self.output_dir), report_to="none",  # W&B: the run started by `train`, through its callback
+            use_cpu=not self.cuda, dataloader_pin_memory=self.cuda, disable_tqdm=False, remove_unused_columns=False,
             ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
             # FSDP: reduce-scatter the gradients after every micro-batch, so each GPU keeps only its shard. By
             # default accelerate skips that while accumulating, and FSDP2 then holds them whole: +2.5 GiB per GPU
-            # for before_big on 2 GPUs (results/raw/issue11_memory)
+            # for before_big on 2 GPUs
             accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if fsdp_launch() else None,
         )
 
     def train(self, model, training_args, train_set, one_batch_shape: bool = False, evaluate_eagerly: bool = False,
               callbacks=()) -> None:
-        """Start W&B, train with the measuring Trainer, and record the results in the summary.
+        """Start W&B, train with the measuring Trainer (harness/training.py), and record the results in the summary.
 
         one_batch_shape: fill an epoch's last, shorter micro-batch (and evaluation's) with rows that carry no loss
         (common.causal_lm_collator), so that compiled code and kernels tuned per shape see one shape. One process only:
@@ -321,92 +231,48 @@ class Run:
         epoch's start) and evaluation goes one block at a time. evaluate_eagerly: torch.compile'd code runs
         uncompiled in evaluation (`torch.compiler.set_stance("force_eager")`). callbacks: the script's own
         TrainerCallbacks.
-        A run that trained every step ends by saving the trained model (`save_final_model`), unless --no-checkpoints.
+        A run that trained every step ends by saving the trained model, unless --no-checkpoints.
         """
         import torch
 
-        from harness.measure import MeasuringTrainer, flops_per_token, parameter_counts, peak_tflops
-        from harness.signals import (StopOnSignal, no_checkpoint_at_the_end, restart_metrics,
-                                     tied_embedding_not_reported_missing)
-        from harness.wandb_run import wandb_callback
+        from harness.measure import parameter_counts, peak_tflops
+        from harness.signals import restart_metrics
+        from harness.training import add_run_callbacks, measuring_trainer, train_to_the_end, training_summary
 
         self.mark("model_and_micro_batch")  # the script's block: model load, quantization, probe, dataset
-        args, micro_batch = self.args, training_args.per_device_train_batch_size
+        args = self.args
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
         self.autocast_dtype = (torch.bfloat16 if training_args.bf16 else
                                torch.float16 if training_args.fp16 else None)
-        self.summary.update(micro_batch=micro_batch, micro_batch_reason=self.micro_batch_reason,
+        self.summary.update(micro_batch=training_args.per_device_train_batch_size,
+                            micro_batch_reason=self.micro_batch_reason,
                             gradient_accumulation=training_args.gradient_accumulation_steps,
                             techniques=self.on.names_on(), techniques_skipped=dict(self.on.skipped))  # as decided
-        # evaluation in micro-batches, or one block at a time where no held-out block may be dropped (drop_last)
-        # or several processes share a step (blocks_in_whole_steps)
-        one_by_one = training_args.dataloader_drop_last or self.world_size > 1
-        training_args.per_device_eval_batch_size = 1 if one_by_one else micro_batch
-        training_args._n_gpu = min(training_args.n_gpu, 1)  # one GPU per run, no DataParallel: no public switch
         resume_step = int(Path(self.checkpoint).name.split("-")[-1]) if self.checkpoint else None
         tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
-        self.summary["trainable_params"], self.summary["total_params"] = trainable, total = parameter_counts(model)
+        self.summary["trainable_params"], self.summary["total_params"] = parameter_counts(model)
         self.start_wandb(training_args)
         self.mark("wandb")
         peak, self.summary["mfu_peak_source"] = peak_tflops(torch.cuda.get_device_name(0) if self.cuda else "")
         self.summary["mfu_peak_tflops"] = peak
-        self.trainer = MeasuringTrainer(
-            model=model, args=training_args, train_dataset=train_set, eval_dataset=self.eval_set,
-            data_collator=functools.partial(common.causal_lm_collator, fill_to_rows=micro_batch)
-            if one_batch_shape and self.world_size == 1 else common.causal_lm_collator,
-            callbacks=[wandb_callback()] if self.wandb_run is not None else None,
-            flops_per_token=flops_per_token(self.config, args.seq_len, frozen_base=trainable < total),
-            peak_tflops=peak, metrics_path=self.metrics_path, evaluate_eagerly=evaluate_eagerly)
+        self.trainer = measuring_trainer(model, training_args, train_set, self.eval_set, self.config, args.seq_len,
+                                         self.world_size, peak, self.metrics_path, one_batch_shape, evaluate_eagerly,
+                                         wandb_on=self.wandb_run is not None)
         self.trainer.tokens_trained = tokens_before
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
-        for callback in callbacks:
-            self.trainer.add_callback(callback)
-        self.trainer.add_callback(no_checkpoint_at_the_end(args.save_every))  # before the stopper's: see there
-        stopper = StopOnSignal(self.script, save=not args.no_checkpoints, quiet=not self.main_process,
-                               launched="TORCHELASTIC_RUN_ID" in os.environ)
-        self.trainer.add_callback(stopper.callback())
-        if args.profile and self.cuda and self.main_process:
-            from harness.profile import ProfileSteps
-            self.trainer.add_callback(ProfileSteps(args.profile, first=args.profile_first))
+        stopper = add_run_callbacks(self.trainer, self.script, callbacks, args.save_every, not args.no_checkpoints,
+                                    self.main_process, args.profile, args.profile_first, self.cuda)
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.mark("trainer")
         self.train_started = self.setup_marks["trainer"]
-        with stopper, tied_embedding_not_reported_missing(model):
-            result = self.trainer.train(resume_from_checkpoint=self.checkpoint)
-            # finished: every step trained (the same on every process). A signal that came after the last
-            # step changes nothing: the model is saved, here where a signal waits for the save to end.
-            finished = self.trainer.state.global_step >= self.trainer.state.max_steps
-            if finished and not args.no_checkpoints:
-                self.save_final_model()
-        if stopper.signum is not None and not finished:
-            self.summary["interrupted"] = signal.Signals(stopper.signum).name
-        self.summarize_training(result.metrics["train_runtime"], tokens_before)
-
-    def save_final_model(self) -> None:
-        """The trained model in --output-dir, as `from_pretrained` loads it: weights and config (LoRA runs: the
-        adapters). Counted as save time, outside the Trainer's train_runtime."""
-        with self.trainer._paused("save"):  # MeasuringTrainer's own pause: evaluation and saving time
-            self.trainer.save_model()
-
-    def summarize_training(self, train_seconds: float, tokens_before: int) -> None:
-        trainer = self.trainer
-        train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-        total_steps = trainer.state.max_steps
-        self.summary.update(
-            train_seconds=train_seconds, tokens_trained=trainer.tokens_trained,
-            tokens_per_second=(trainer.tokens_trained - tokens_before) / train_seconds,
-            steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(5, total_steps // 3)),
-            final_train_loss=train_losses[-1] if train_losses else None,
-            final_eval_loss=eval_losses[-1] if eval_losses else None, steps=trainer.state.global_step,
-            compile_and_warmup_seconds=trainer.first_step_extra_seconds(),
-            eval_seconds=trainer.seconds_in["eval"], save_seconds=trainer.seconds_in["save"],
-            step_seconds_timeline=trainer.step_ends.seconds())
-        if self.world_size > 1:  # DistributedDataParallel's: gradients as views into its buckets (one copy)
-            self.summary["ddp_gradient_as_bucket_view"] = getattr(trainer.model_wrapped, "gradient_as_bucket_view", None)
+        train_seconds, stopped_by = train_to_the_end(self.trainer, model, stopper, self.checkpoint,
+                                                     save=not args.no_checkpoints)
+        if stopped_by is not None:
+            self.summary["interrupted"] = stopped_by
+        self.summary.update(training_summary(self.trainer, train_seconds, tokens_before, self.world_size))
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""
@@ -424,101 +290,3 @@ class Run:
               f"techniques: {', '.join(self.on.names_on()) or 'none'}", file=sys.stderr)
         self.wandb_run = start_wandb(self.script, args.wandb, args.resume, run_config(self, training_args),
                                      self.output_dir)
-
-    def finish(self, failure: Exception | None, startup_seconds: float, argv) -> None:
-        """Write summary.json and end W&B whatever happened; then exit as the outcome says (or return)."""
-        import torch
-
-        crash = None
-        if isinstance(failure, torch.OutOfMemoryError):
-            self.summary["oom"] = True
-        elif failure is not None:
-            crash = failure  # re-raised below, with its traceback
-            self.summary["error"] = f"{type(failure).__name__}: {failure}"
-        if failure is not None and self.trainer is not None:
-            self.summary.update(steps=self.trainer.state.global_step, tokens_trained=self.trainer.tokens_trained)
-        self.summary.update(peak_memory_gib=self.peak_memory_gib(failure is None), startup_seconds=startup_seconds)
-        if self.train_started is not None:  # setup: corpus, tokenizer, model, quantization, probe
-            self.summary["setup_seconds"] = self.train_started - startup_seconds
-            self.summary["setup_parts"] = self.setup_parts()
-        if self.trainer is not None and self.summary.get("steady_tokens_per_second"):
-            self.summary["mfu"] = self.trainer.mfu(self.summary["steady_tokens_per_second"])
-        if self.cuda:  # times the allocator hit the cap (or the GPU's end), freed its cache and retried: slow
-            self.summary["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries")
-        if self.summary["oom"]:  # after the peak and the retries are read: the probe makes its own
-            self.summary["micro_batch_that_fits"] = self.micro_batch_that_fits(failure)
-            self.summary["oom_message"] = self.oom_message()
-        self.summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
-        self.write_summary(failed=failure is not None)
-        self.trainer = self.model = None
-        if crash is not None:
-            raise crash
-        exit_as_the_outcome_says(self.summary, self.script, self.main_process, self.world_size,
-                                 not self.args.no_checkpoints, argv)
-
-    def peak_memory_gib(self, all_processes_alive: bool) -> float | None:
-        """Peak CUDA memory since the budget was applied; the maximum over the processes where all can join."""
-        import torch
-
-        if not self.cuda:
-            return None
-        peak = torch.cuda.max_memory_allocated() / GIB
-        if self.world_size > 1 and all_processes_alive:  # a failed process would not join this
-            peak_over_processes = torch.tensor([peak], device=self.device)
-            torch.distributed.all_reduce(peak_over_processes, op=torch.distributed.ReduceOp.MAX)
-            peak = peak_over_processes.item()
-        return peak
-
-    def micro_batch_that_fits(self, failure: BaseException) -> int | None:
-        """After training ran out of memory on one GPU: the largest micro-batch, halving from half the one that
-        failed, whose trial step fits the same budget; 0 where not even 1 does; None where none was probed.
-
-        It frees the Trainer first (optimizer states, the failed step's tensors): nothing trains after this.
-        A probe that fails otherwise gives None (its error in the summary): the out-of-memory line still comes.
-        """
-        import gc
-        import traceback
-
-        import torch
-
-        from harness.budget import available_gib, choose_micro_batch
-
-        # One process only: under a launcher the others may have died, and an FSDP forward would then hang in
-        # an all-gather that waits for them.
-        if not self.cuda or self.world_size > 1 or self.trainer is None or self.model is None:
-            return None
-        failed = self.summary["micro_batch"]
-        if failed == 1:
-            return 0  # training itself ran out at 1
-        try:
-            traceback.clear_frames(failure.__traceback__)  # the failed step's frames hold its activations
-            self.trainer = None  # the optimizer states, and the accelerator's references to them
-            self.model.zero_grad(set_to_none=True)
-            gc.unfreeze()  # gc_paused froze what existed at the first step, the Trainer too: frozen is never freed
-            gc.collect()  # the Trainer and its callbacks reference each other
-            torch.cuda.empty_cache()
-            return choose_micro_batch(self.model, failed // 2, self.args.seq_len,
-                                      self.args.gpu_memory_gib or available_gib(), self.optim, self.autocast_dtype,
-                                      self.device)
-        except torch.OutOfMemoryError:
-            return 0  # the trial at 1 ran out too
-        except Exception as e:
-            self.summary["micro_batch_probe_error"] = f"{type(e).__name__}: {e}"
-            return None
-
-    def oom_message(self) -> str:
-        from harness.budget import oom_message, state_memory_estimate_gib
-
-        estimate = state_memory_estimate_gib(self.model, self.optim) if self.model is not None else None
-        return oom_message(self.script, self.args.gpu_memory_gib, self.summary["peak_memory_gib"], estimate,
-                           self.rank, self.world_size, self.summary.get("micro_batch_that_fits"))
-
-    def write_summary(self, failed: bool) -> None:
-        from harness.wandb_run import finish_wandb
-
-        if self.main_process:
-            (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-        elif failed:  # the first process may never get to write its summary
-            (self.output_dir / f"summary-rank{self.rank}.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-        if self.wandb_run is not None:
-            finish_wandb(self.wandb_run, self.summary, failed, self.script)

@@ -127,7 +127,7 @@ def test_held_out_blocks_fill_whole_steps_over_the_processes():
 
 
 def test_four_processes_train_as_one(tmp_path, cache_dir, short_records_corpus):
-    """Issue 12's CPU stand-in for 4 GPUs: 4 gloo processes under torchrun take the same per-step losses and
+    """A CPU stand-in for 4 GPUs: 4 gloo processes under torchrun take the same per-step losses and
     gradient norms as one process (packed rows: 4 micro-batches of 2 per step, one on each process)."""
     one, one_rows, _ = launch("lightweight_big", 1, tmp_path / "one", cache_dir, short_records_corpus)
     four, four_rows, stderr = launch("lightweight_big", 4, tmp_path / "four", cache_dir, short_records_corpus)

@@ -54,20 +54,14 @@ def gpu_without_bf16(monkeypatch):
             self.native_amp, self.scaler = True, torch.amp.GradScaler("cpu")
 
     monkeypatch.setattr(Accelerator, "__init__", as_on_cuda)
-    summarize = Run.summarize_training
-
-    def keep_what_trained(self, *args):
-        seen.update(run=self, trainer=self.trainer, training_args=self.trainer.args)
-        return summarize(self, *args)
-
-    monkeypatch.setattr(Run, "summarize_training", keep_what_trained)
     train = Run.train
 
     def record_matmul_dtypes(self, model, training_args, train_set, **options):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
                 module.register_forward_hook(lambda m, i, out: seen["matmul_dtypes"].add(out.dtype))
-        return train(self, model, training_args, train_set, **options)
+        train(self, model, training_args, train_set, **options)
+        seen.update(run=self, trainer=self.trainer, training_args=self.trainer.args)
 
     monkeypatch.setattr(Run, "train", record_matmul_dtypes)
     return seen

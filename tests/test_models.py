@@ -11,7 +11,7 @@ import before_small
 import common
 import lightweight_big
 from conftest import SMALL_CORPUS, output_head, tiny_script_model
-from harness import budget, measure, sources
+from harness import budget, measure, micro_batch, sources
 from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
 from harness.loss import causal_lm_parts, lm_loss_sum
 
@@ -157,31 +157,6 @@ def test_fused_cross_entropy_matches_plain_on_gpu():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def test_fused_loss_sizes_liger_chunks_by_the_output_width(monkeypatch):
-    """The fused loss asks liger for chunks of logits about rows x 2048 elements: 4x its default for OPT-350m's
-    512-wide output (64 chunks of 512 rows at 32 x 1024 were host-bound), GPT-Neo's 2048 at the default."""
-    import liger_kernel.transformers.functional as liger
-
-    asked = []
-
-    def recording_liger(hidden, weight, labels, bias=None, **options):  # the plain loss, where liger needs CUDA
-        asked.append(options)
-        return torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum")
-
-    monkeypatch.setattr(liger, "liger_fused_linear_cross_entropy", recording_liger)
-    torch.manual_seed(0)
-    labels = torch.randint(0, 11, (2, 6))
-    for width in (512, 2048, 4096):
-        hidden, weight = torch.randn(2, 6, width), torch.randn(11, width)
-        fused = lm_loss_sum(hidden, output_head(weight), labels, fused=True)
-        torch.testing.assert_close(fused, lm_loss_sum(hidden, output_head(weight), labels, fused=False))
-    assert [a["chunk_mem_const"] for a in asked] == [4, 1, 1]
-    assert all(a["reduction"] == "sum" for a in asked)
-    # liger's functional passes chunk_mem_const on only where its kernel says it takes it; elsewhere, silently not
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-    assert LigerFusedLinearCrossEntropyFunction.supports_inner_impl_dispatch
-
-
 def padded_copy(weight, rows):
     """`weight` with random rows appended up to `rows`: an output layer padded for aligned matmuls."""
     extra = 5 * torch.randn(rows - weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
@@ -280,39 +255,10 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
-    peaks = {}
-    assert budget.choose_micro_batch(model, largest=16, seq_len=64, budget_gib=1, optim="paged_adamw_8bit",
-                                     autocast_dtype=None, device=torch.device("cpu"), known_peaks=peaks) == 2
+    assert micro_batch.choose_micro_batch(model, largest=16, seq_len=64, budget_gib=1, optim="paged_adamw_8bit",
+                                         autocast_dtype=None, device=torch.device("cpu")) == 2
     assert tried == [16, 8, 4, 2]
     assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind
-    assert peaks == {4: 0.95 * budget.GIB, 2: 0.5 * budget.GIB}  # the trials that ran out are not remembered
-
-    tried.clear()  # a later run with the remembered peaks: only the trials that ran out are made again
-    assert budget.choose_micro_batch(model, largest=16, seq_len=64, budget_gib=1, optim="paged_adamw_8bit",
-                                     autocast_dtype=None, device=torch.device("cpu"), known_peaks=peaks) == 2
-    assert tried == [16, 8]
-    tried.clear()  # a larger budget: the remembered peak of 4 fits it, with no trial of 4
-    assert budget.choose_micro_batch(model, largest=4, seq_len=64, budget_gib=1.1, optim="paged_adamw_8bit",
-                                     autocast_dtype=None, device=torch.device("cpu"), known_peaks=peaks) == 4
-    assert tried == []
-
-
-def test_trial_peaks_are_remembered_per_recipe(tmp_path):
-    path = tmp_path / "cache" / "micro_batch_trial_peaks.json"
-    assert budget.load_trial_peaks(path, "recipe-a") == {}  # no file yet
-    budget.save_trial_peaks(path, "recipe-a", {32: 27 * budget.GIB, 16: 15 * budget.GIB})
-    budget.save_trial_peaks(path, "recipe-b", {8: budget.GIB})
-    assert budget.load_trial_peaks(path, "recipe-a") == {32: 27 * budget.GIB, 16: 15 * budget.GIB}
-    assert budget.load_trial_peaks(path, "recipe-b") == {8: budget.GIB}
-    assert budget.load_trial_peaks(path, "recipe-c") == {}
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left behind
-    path.write_text("{not json")
-    assert budget.load_trial_peaks(path, "recipe-a") == {}  # unreadable: the trials run again
-    path.write_text('{"recipe-a": {"32": null}}')
-    assert budget.load_trial_peaks(path, "recipe-a") == {}
-    path.write_text("[1, 2]")  # JSON, but not what this file holds: replaced
-    budget.save_trial_peaks(path, "recipe-a", {8: budget.GIB})
-    assert budget.load_trial_peaks(path, "recipe-a") == {8: budget.GIB}
 
 
 def test_checkpoint_layers_checkpoints_only_the_first_blocks(cache_dir):

@@ -1,6 +1,6 @@
 """Running out of memory in training: the one line (exit 3) also names the micro-batch that fits.
 
-There is no GPU in the tests: `Run.micro_batch_that_fits` is run as on one CUDA GPU, with CUDA's allocator
+There is no GPU in the tests: `outcome.micro_batch_after_oom` is run as on one CUDA GPU, with CUDA's allocator
 simulated on the CPU (as in test_models' probe test): a trial of too many sequences raises OutOfMemoryError.
 """
 import dataclasses
@@ -14,8 +14,7 @@ import torch
 import lightweight_big
 import lightweight_small
 from conftest import TINY, tiny_script_model
-from harness import budget
-from harness import step_size
+from harness import budget, micro_batch, outcome, step_size
 from harness.cli import Switches
 from harness.loss import lm_loss_sum
 from harness.session import Run
@@ -63,19 +62,16 @@ def simulated_gpu(cache_dir, monkeypatch):
     return run, tried
 
 
-def as_probe(run, tmp_path, monkeypatch, micro_batch: int, script=lightweight_big, cache_dir=None) -> None:
+def as_probe(run, largest: int, script=lightweight_big, cache_dir=None) -> None:
     """Make the simulated GPU's Run what `script`'s probe finds before training: its command line (script's
-    micro-batch `micro_batch`, one micro-batch a step at it, 1 GiB budget, cache in tmp_path), techniques, model
-    (lightweight_small: its own tiny model, from `cache_dir`), config and a GPU name."""
+    micro-batch `largest`, one micro-batch a step at it, 1 GiB budget), techniques and model (lightweight_small: its
+    own tiny model, from `cache_dir`)."""
     if script is not lightweight_big:
         run.model, _ = tiny_script_model(script, cache_dir)
     run.script = script.__name__
-    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=micro_batch, micro_batch_given=False,
-                               tokens_per_step=micro_batch * 64, cache_dir=str(tmp_path / "cache"),
-                               checkpoint_layers=None)
-    run.on, run.config, run.bf16_or_fp16 = Switches(script.TECHNIQUES), run.model.config, torch.bfloat16
-    run.main_process = True  # the one process that writes the remembered peaks
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    run.args = SimpleNamespace(seq_len=64, gpu_memory_gib=1.0, micro_batch=largest, micro_batch_given=False,
+                               tokens_per_step=largest * 64)
+    run.on, run.bf16_or_fp16 = Switches(script.TECHNIQUES), torch.bfloat16
 
 
 def offload(run, switched: list):
@@ -89,7 +85,7 @@ def probe(run) -> int | None:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
     except torch.OutOfMemoryError as e:
         failure = e
-    run.summary["micro_batch_that_fits"] = run.micro_batch_that_fits(failure)
+    run.summary["micro_batch_that_fits"] = outcome.micro_batch_after_oom(run, failure)
     return run.summary["micro_batch_that_fits"]
 
 
@@ -99,7 +95,7 @@ def test_probe_halves_from_half_the_failed_micro_batch(simulated_gpu):
     assert tried[0] == "empty_cache"  # the failed step's memory is given back before the first trial
     assert [t for t in tried if t != "empty_cache"] == [(16, torch.bfloat16), (8, torch.bfloat16)]
     assert run.trainer is None and all(p.grad is None for p in run.model.parameters())
-    assert run.oom_message().endswith("(peak 1.0 GiB reached); before activations this recipe needs about "
+    assert outcome.oom_line(run).endswith("(peak 1.0 GiB reached); before activations this recipe needs about "
                                       f"{sum(budget.state_memory_estimate_gib(run.model, run.optim).values()):.1f} "
                                       "GiB: weights 0.0, gradients 0.0, optimizer states 0.0; "
                                       "micro-batch 8 fits (--micro-batch 8)")
@@ -114,22 +110,22 @@ def test_probe_says_when_not_even_one_fits(simulated_gpu, monkeypatch):
 
     monkeypatch.setattr("harness.loss.lm_loss_sum", out_of_memory)
     assert probe(run) == 0 and tried.count("trial") == 5  # 16, 8, 4, 2, 1
-    assert run.oom_message().endswith("; even micro-batch 1 does not fit")
+    assert outcome.oom_line(run).endswith("; even micro-batch 1 does not fit")
     run.summary["micro_batch"], run.trainer, tried[:] = 1, object(), []
     assert probe(run) == 0 and tried == []  # training itself ran out at 1: nothing to try
 
 
 def test_a_failing_probe_leaves_the_line_without_a_hint(simulated_gpu, monkeypatch):
     run, _ = simulated_gpu
-    without_hint = Run.oom_message(run)
+    without_hint = outcome.oom_line(run)
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe broke")
 
-    monkeypatch.setattr(budget, "choose_micro_batch", broken)
+    monkeypatch.setattr(micro_batch, "choose_micro_batch", broken)
     assert probe(run) is None
     assert run.summary["micro_batch_probe_error"] == "RuntimeError: probe broke"
-    assert run.oom_message() == without_hint and "fits" not in without_hint
+    assert outcome.oom_line(run) == without_hint and "fits" not in without_hint
 
 
 @pytest.mark.parametrize("where", ["cpu", "two processes", "before training"])
@@ -164,18 +160,18 @@ def test_out_of_memory_in_training_ends_with_the_micro_batch_that_fits(tmp_path,
                     grads=[p for p in model.parameters() if p.grad is not None])
         return 1
 
-    as_on_one_gpu = Run.micro_batch_that_fits
+    as_on_one_gpu = outcome.micro_batch_after_oom
 
-    def micro_batch_that_fits(self, failure):
-        self.cuda = True
+    def micro_batch_after_oom(run, failure):
+        run.cuda = True
         try:
-            return as_on_one_gpu(self, failure)
+            return as_on_one_gpu(run, failure)
         finally:
-            self.cuda = False
+            run.cuda = False
 
     monkeypatch.setattr(transformers.Trainer, "training_step", out_of_memory_in_step_2)
-    monkeypatch.setattr(Run, "micro_batch_that_fits", micro_batch_that_fits)
-    monkeypatch.setattr(budget, "choose_micro_batch", choose_micro_batch)
+    monkeypatch.setattr(outcome, "micro_batch_after_oom", micro_batch_after_oom)
+    monkeypatch.setattr(micro_batch, "choose_micro_batch", choose_micro_batch)
     monkeypatch.setattr(budget, "available_gib", lambda: 24.0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     out = tmp_path / "out"
@@ -192,25 +188,6 @@ def test_out_of_memory_in_training_ends_with_the_micro_batch_that_fits(tmp_path,
     assert line.startswith("lightweight_small: ") and line.endswith("; micro-batch 1 fits (--micro-batch 1)")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["oom"] is True and summary["micro_batch_that_fits"] == 1 and summary["oom_message"] == line
-
-
-def test_a_later_run_reuses_the_trial_peaks_it_remembered(simulated_gpu, tmp_path, monkeypatch):
-    """lightweight_big's probe as on a GPU: the first run tries 16 (out of memory) and 8 (fits); a later run of
-    the same recipe tries only 16 again, since a trial that ran out of memory has no peak to remember."""
-    run, tried = simulated_gpu
-    as_probe(run, tmp_path, monkeypatch, micro_batch=16)
-    trials = lambda: [t[0] for t in tried if t != "empty_cache"]  # noqa: E731
-
-    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True) == 8
-    assert trials() == [16, 8] and run.micro_batch_reason.endswith("; by a trial step")
-    tried.clear()
-    assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True) == 8
-    assert trials() == [16]
-    assert run.micro_batch_reason.endswith(f"by its trial's peak remembered in {tmp_path / 'cache'}/"
-                                           "micro_batch_trial_peaks.json")
-    tried.clear()  # another recipe (the optimizer is part of it): its own trials
-    assert run.largest_micro_batch(run.model, "adamw_torch", autocast=True) == 8
-    assert trials() == [16, 8]
 
 
 def simulate_peak_halved_while(halved, tried, monkeypatch) -> None:
@@ -232,35 +209,30 @@ def simulate_peak_halved_while(halved, tried, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("offload_halves_the_peak", [True, False])
-def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_gpu, tmp_path, monkeypatch,
+def test_offload_is_kept_only_where_it_lets_a_larger_micro_batch_fit(simulated_gpu, monkeypatch,
                                                                      offload_halves_the_peak):
     """lightweight_big's probe with activation offload to choose: 8 of 16 fits without it; with it on, 16 is tried,
-    and offload stays on only if 16 then fits. Its trial peaks are remembered apart from those without it."""
+    and offload stays on only if 16 then fits."""
     run, tried = simulated_gpu
-    as_probe(run, tmp_path, monkeypatch, micro_batch=16)
+    as_probe(run, largest=16)
     switched = []
     simulate_peak_halved_while(lambda: switched[-1:] == [True] and offload_halves_the_peak, tried, monkeypatch)
-    for attempt in ("first", "remembered"):
-        tried.clear()
-        switched.clear()
-        size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(run, switched))
-        trials = [t[0] for t in tried if t != "empty_cache"]
-        if offload_halves_the_peak:
-            assert size == 16 and switched == [True] and run.leaner_unused is None
-            assert run.micro_batch_reason.endswith("with the checkpointed activations offloaded to the CPU")
-            # 16 (out of memory) and 8 without offload, then 16 with it; later only the out-of-memory trial again
-            assert trials == ([16, 8, 16] if attempt == "first" else [16])
-        else:
-            assert size == 8 and switched == [True, False]  # tried, and switched off again
-            assert "offloaded" not in run.micro_batch_reason
-            assert run.leaner_unused == "with it, no micro-batch from 16 down to 16 fit"
-            assert trials == ([16, 8, 16] if attempt == "first" else [16, 16])  # nothing under 16 with it
+    tried.clear()
+    size = run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(run, switched))
+    assert [t[0] for t in tried if t != "empty_cache"] == [16, 8, 16]  # 16 (out of memory) and 8, then 16 with it
+    if offload_halves_the_peak:
+        assert size == 16 and switched == [True] and run.leaner_unused is None
+        assert run.micro_batch_reason.endswith("with the checkpointed activations offloaded to the CPU")
+    else:
+        assert size == 8 and switched == [True, False]  # tried, and switched off again
+        assert "offloaded" not in run.micro_batch_reason and run.micro_batch_reason.endswith("; by a trial step")
+        assert run.leaner_unused == "with it, no micro-batch from 16 down to 16 fit"
 
 
-def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu, tmp_path, monkeypatch):
+def test_offload_on_the_largest_micro_batch_is_not_tried(simulated_gpu):
     """Where the script's micro-batch fits (one micro-batch per step), offload is never switched on."""
     run, tried = simulated_gpu
-    as_probe(run, tmp_path, monkeypatch, micro_batch=8)
+    as_probe(run, largest=8)
     switched = []
     assert run.largest_micro_batch(run.model, "paged_adamw_8bit", autocast=True, leaner=offload(run, switched)) == 8
     assert switched == [] and run.leaner_unused == "one micro-batch a step: nothing to halve"
@@ -291,14 +263,14 @@ def test_offloaded_checkpoints_keep_each_block_input_on_the_cpu(cache_dir, monke
 
 
 @pytest.mark.parametrize("script_micro_batch, tried_with_recompute", [(32, True), (16, False)])
-def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, tmp_path, monkeypatch,
+def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simulated_gpu, monkeypatch,
                                                                         cache_dir, script_micro_batch,
                                                                         tried_with_recompute):
     """lightweight_small's checkpoint_to_fit through the probe (recompute_to_fit, as the script offers it): 8 rows
     fit without it, 16 with every layer recomputed. Of 32 rows a step (4 micro-batches) it is tried from 32 down
     and kept at 16; of 16 (2 micro-batches) never tried."""
     run, tried = simulated_gpu
-    as_probe(run, tmp_path, monkeypatch, script_micro_batch, script=lightweight_small, cache_dir=cache_dir)
+    as_probe(run, script_micro_batch, script=lightweight_small, cache_dir=cache_dir)
     simulate_peak_halved_while(lambda: run.model.is_gradient_checkpointing, tried, monkeypatch)
     size = run.largest_micro_batch(run.model, "adamw_torch_fused", autocast=True,
                                    leaner=lightweight_small.recompute_to_fit(run.model))
@@ -313,11 +285,11 @@ def test_lightweight_small_recomputes_only_where_the_step_splits_into_four(simul
         assert run.leaner_unused == "2 micro-batches a step; used from 4"
 
 
-def test_the_processes_agree_on_recomputing(simulated_gpu, tmp_path, monkeypatch, cache_dir):
+def test_the_processes_agree_on_recomputing(simulated_gpu, monkeypatch, cache_dir):
     """Under a launcher each process probes its own GPU and all take the smallest choice: here the other process fits
     8 rows as this one does, but nothing larger with the recompute (it reports 0), so every process leaves it off."""
     run, tried = simulated_gpu
-    as_probe(run, tmp_path, monkeypatch, 32, script=lightweight_small, cache_dir=cache_dir)
+    as_probe(run, 32, script=lightweight_small, cache_dir=cache_dir)
     run.world_size, run.args.tokens_per_step = 2, 2 * 32 * 64  # 32 rows a step on each of two processes
     simulate_peak_halved_while(lambda: run.model.is_gradient_checkpointing, tried, monkeypatch)
     others = [8, 0]  # what the other process chose: without the recompute, then with it
@@ -328,16 +300,15 @@ def test_the_processes_agree_on_recomputing(simulated_gpu, tmp_path, monkeypatch
     assert run.leaner_unused == "with it, no micro-batch from 32 down to 16 fit on every process"
 
 
-def test_a_step_larger_than_the_script_micro_batch_counts_its_micro_batches(simulated_gpu, tmp_path, monkeypatch):
+def test_a_step_larger_than_the_script_micro_batch_counts_its_micro_batches(simulated_gpu):
     """The split that decides is the step's: 64 rows a step where the script's micro-batch is 32. Uncapped (32
     fits) nothing is tried, the memory does not split the step; where only 16 fits the step is 4 micro-batches."""
-    run, tried = simulated_gpu
-    as_probe(run, tmp_path, monkeypatch, micro_batch=32)
-    run.args.tokens_per_step = 64 * 64
-    assert run.why_not_leaner(32, offload(run, [])) == ("micro-batch 32 is the script's largest: the memory does not "
-                                                        "split the step")
-    assert run.why_not_leaner(16, dataclasses.replace(offload(run, []), from_split=4)) is None
-    assert run.why_not_leaner(16, dataclasses.replace(offload(run, []), from_split=5)) == \
+    run, _ = simulated_gpu
+    leaner = offload(run, [])
+    assert micro_batch.why_not_leaner(32, 32, 64, leaner) == ("micro-batch 32 is the script's largest: the memory "
+                                                              "does not split the step")
+    assert micro_batch.why_not_leaner(16, 32, 64, dataclasses.replace(leaner, from_split=4)) is None
+    assert micro_batch.why_not_leaner(16, 32, 64, dataclasses.replace(leaner, from_split=5)) == \
         "4 micro-batches a step; used from 5"
 
 

@@ -13,7 +13,7 @@ import torch
 
 import lightweight_small
 from conftest import TINY
-from harness.session import Run
+from harness import training
 from harness.signals import find_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,13 +151,13 @@ def test_crash_leaves_checkpoint_metrics_and_summary_consistent(tmp_path, cache_
 
     monkeypatch.setattr(transformers.Trainer, "training_step", original)
     resumed = {}
-    summarize = Run.summarize_training
+    summarize = training.training_summary
 
-    def keep_model(self, *args):
-        resumed["model"] = self.trainer.model
-        return summarize(self, *args)
+    def keep_model(trainer, *args):
+        resumed["model"] = trainer.model
+        return summarize(trainer, *args)
 
-    monkeypatch.setattr(Run, "summarize_training", keep_model)
+    monkeypatch.setattr(training, "training_summary", keep_model)
     lightweight_small.main([*argv, "--resume"])
     assert sorted(losses(out)) == list(range(1, 11))
     model = resumed["model"]  # its lm_head.weight, not in the checkpoint, is the embedding itself, as before

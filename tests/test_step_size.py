@@ -66,20 +66,13 @@ def test_a_launch_agrees_on_the_smallest_micro_batch(tmp_path):
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_fsdp_reduce_scatters_every_micro_batch(fsdp, monkeypatch, tmp_path):
     """Under FSDP the gradients are synchronized (reduce-scattered) after each micro-batch, so that each GPU keeps
-    only its shard: accelerate's default keeps them whole while accumulating (NOTES.md, call 15)."""
-    from types import SimpleNamespace
-
-    import datasets
+    only its shard: accelerate's default keeps them whole while accumulating."""
     from transformers import TrainingArguments
 
     from harness.session import Run
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true" if fsdp else "false")
     run = Run.__new__(Run)
-    run.args = SimpleNamespace(max_steps=4, epochs=1.0, lr=5e-5, seed=1, logging_steps=1, eval_every=0,
-                               no_checkpoints=True, save_every=0, seq_len=8, tokens_per_step=64)
-    run.output_dir, run.world_size, run.cuda, run.train_tokens = tmp_path, 1, False, 64 * 8
-    train_set = datasets.Dataset.from_dict({"input_ids": [[1] * 8] * 64})
-    shared = run.shared_training_arguments(train_set, micro_batch=2)
-    accumulation_kwargs = TrainingArguments(**shared).accelerator_config.gradient_accumulation_kwargs
+    run.output_dir, run.cuda = tmp_path, False
+    accumulation_kwargs = TrainingArguments(**run.plumbing_arguments()).accelerator_config.gradient_accumulation_kwargs
     assert (accumulation_kwargs or {}).get("sync_each_batch", False) is fsdp
