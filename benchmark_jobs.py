@@ -46,9 +46,8 @@ def timed_job(script: str, out: Path, cache: Path, argv=()) -> tuple[float, int,
 def job_row(script: str, workdir: Path, argv=(), warm_runs: int = 1) -> dict:
     """The `job-<script>` row: warm and cold wall clock, the parts the script measured, steps and eval loss.
 
-    warm_runs: the warm job is run that many times and the row is the median run (its parts and curves too):
-    the same job's setup moved by 1-3.5 s between calls (NOTES.md, calls 30 and 32), more than a short job's
-    ratio can absorb.
+    warm_runs: the warm job is run that many times and the row is the median run (its parts and curves too): the
+    same job's setup was seen to move by 1-3.5 s between runs on one GPU, more than a short job's ratio can absorb.
     """
     from benchmark import read_curves
 
@@ -99,25 +98,3 @@ def job_table(runs: dict) -> list[str]:
                          f"{a['parts']['train_seconds'] / b['parts']['train_seconds']:.2f}x."
                          + (f" Medians of: {runs_seen}." if runs_seen else ""))
     return lines
-
-
-def loss_against_time_plot(runs: dict, results_dir: Path) -> None:
-    """results/loss_time.png: train and eval loss against seconds since process start, for each pair's job."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, pair in zip(axes, (("before_small", "lightweight_small"), ("before_big", "lightweight_big"))):
-        for script in pair:
-            curves = (runs.get(f"job-{script}") or {}).get("curves") or {}
-            if curves.get("train_time"):
-                line, = ax.plot(*zip(*curves["train_time"]), label=f"{script} train")
-                if curves.get("eval_time"):
-                    ax.plot(*zip(*curves["eval_time"]), "o--", color=line.get_color(), label=f"{script} eval")
-        ax.set(xlabel="seconds since the process started", ylabel="loss", title=" vs ".join(pair))
-        if ax.get_lines():
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(results_dir / "loss_time.png", dpi=100)
-    plt.close(fig)
