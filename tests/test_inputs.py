@@ -344,3 +344,19 @@ def test_profile_sorts_kernels_into_kinds():
     assert kind_of("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication (NCCL)"
     assert kind_of("triton_poi_fused_add_gelu_3") == "fused elementwise (Triton)"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other elementwise"
+
+
+def test_the_peer_rows_command_lines_are_valid():
+    """The benchmark's peer rows: lightweight_small.STRONGEST_PEER and lightweight_big.QLORA_PY_DEFAULTS name only
+    techniques their scripts have, switched the way each is declared, and pass validation."""
+    import lightweight_big
+    import lightweight_small
+
+    for script, argv, switched_on in ((lightweight_small, lightweight_small.STRONGEST_PEER, "trainer_compile"),
+                                      (lightweight_big, lightweight_big.QLORA_PY_DEFAULTS, "qlora_py_adapters")):
+        args, on = cli.parse_args(script.__name__, script.MODEL, script.TECHNIQUES, script.SIZES, argv)
+        cli.validate_args(args, on, world_size=1)
+        assert on.chosen[switched_on] and not script.TECHNIQUES[switched_on].default
+    args, on = cli.parse_args("lightweight_big", lightweight_big.MODEL, lightweight_big.TECHNIQUES,
+                              lightweight_big.SIZES, lightweight_big.QLORA_PY_DEFAULTS)
+    assert (args.micro_batch, args.tokens_per_step) == (1, 16384) and on.chosen["paged_adamw_32bit"]

@@ -261,6 +261,16 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
     assert all(p.grad is None for p in model.parameters())  # the trials leave no gradients behind
 
 
+def test_qlora_py_adapters_take_qlora_pys_rank_alpha_and_dropout(cache_dir):
+    """lightweight_big's qlora_py_adapters: rank 64, alpha 16, dropout 0.05 on the same projections; off, its own."""
+    for on, expected in (((), (lightweight_big.LORA_RANK, lightweight_big.LORA_ALPHA, 0.0)),
+                         (("qlora_py_adapters",), (64, 16, 0.05))):
+        model, _ = tiny_script_model(lightweight_big, cache_dir, on=on)
+        config = model.peft_config["default"]
+        assert (config.r, config.lora_alpha, config.lora_dropout) == expected
+        assert set(config.target_modules) == set(lightweight_big.LORA_TARGETS)
+
+
 def test_checkpoint_layers_checkpoints_only_the_first_blocks(cache_dir):
     """--checkpoint-layers K: the first K GPT-Neo blocks recompute in backward, the others keep activations."""
     import common
