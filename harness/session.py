@@ -22,6 +22,7 @@ from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch
 from harness.clock import seconds_since_process_start
 from harness.micro_batch import LeanerMemory
 from harness.outcome import end_the_process, finish
+from harness.signals import find_checkpoint
 
 
 @contextlib.contextmanager
@@ -98,8 +99,6 @@ class Run:
         self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
-        from harness.signals import find_checkpoint
-
         self.checkpoint = find_checkpoint(args.output_dir, args.resume)
         self.setup_marks = {"startup": seconds_since_process_start()}  # setup's parts: see setup_parts()
         self.corpus = common.load_corpus(args.corpus, args.cache_dir)
