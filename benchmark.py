@@ -248,8 +248,11 @@ def main(argv=None):
     if "job" in groups and not args.smoke:
         benchmark_jobs.warm_bytecode()
     wanted = set(args.runs.split(",")) if args.runs else None
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python benchmark.py", *(a for i, a in enumerate(given)  # where the files went: not the rows'
+                                                 if not {a, given[i - 1] if i else ""} & {"--results-dir", "--workdir"})])
     for group in groups:
-        block = header("python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        block = header(command)
         run_group(group, results_dir / f"{FILES[group]}.json", block, Path(args.workdir), wanted, args.smoke,
                   args.job_warm_runs)
     report(results_dir)

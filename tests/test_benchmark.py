@@ -19,7 +19,8 @@ def test_smoke_run_writes_rows_a_block_per_command_and_the_report(tmp_path, monk
     assert set(result["commands"]) == {"small", "big"}
     for block in result["commands"].values():
         assert BLOCK_KEYS <= block.keys() and block["versions"]["torch"] and block["gpu"] == "cpu"
-        assert block["command"] == "python benchmark.py " + " ".join(argv)
+        assert block["command"] == ("python benchmark.py --smoke --only small,big "
+                                    "--runs lightweight_small,peer-trainer_compile,reference_qlora")
     rows = {r["name"]: r for r in result["runs"]}
     assert set(rows) == {"lightweight_small", "peer-trainer_compile", "reference_qlora"}
     for row in rows.values():
