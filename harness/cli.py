@@ -5,6 +5,8 @@ Nothing here imports torch, so `--help` and a bad flag answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import time
@@ -17,6 +19,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (full disk, any OSError): the earlier ones stay
 
 
 class InputError(Exception):
@@ -185,29 +188,9 @@ def fsdp_launch() -> bool:
 
 
 def validate_args(args, on: Switches, world_size: int) -> None:
-    """Refuse values that cannot work before any work is done (InputError: one line, exit 2)."""
-    problems = []
-    for name in ("micro_batch", "seq_len", "tokens_per_step", "logging_steps"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if args.epochs <= 0 and args.max_steps <= 0:
-        problems.append(f"--epochs must be positive (got {args.epochs:g}) unless --max-steps is given")
-    if args.max_steps == 0 or args.max_steps < -1:
-        problems.append(f"--max-steps must be positive (got {args.max_steps})")
-    for name in ("save_every", "eval_every"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} must be 0 or positive (got {getattr(args, name)})")
-    if args.resume and args.no_checkpoints:
-        problems.append("--resume and --no-checkpoints exclude each other")
-    if args.lr <= 0:
-        problems.append(f"--lr must be positive (got {args.lr:g})")
-    if args.profile_first < 1:
-        problems.append(f"--profile-first must be positive (got {args.profile_first})")
-    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
-        problems.append(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib:g})")
-    nearest = next((p for p in (Path(args.output_dir), *Path(args.output_dir).parents) if p.exists()), None)
-    if nearest is not None and not nearest.is_dir():
-        problems.append(f"--output-dir {args.output_dir}: {nearest} is a file")
+    """Refuse values that cannot work before any work is done (InputError: one line, exit 2), every problem
+    found at once: each flag's bounds, then each folder the run writes, tried."""
+    problems = bound_problems(args)
     for name, technique in on.declared.items():
         problems += [f"{name} needs {need}" for need in technique.needs if on.chosen[name] and not on.chosen[need]]
     checkpoint_layers = getattr(args, "checkpoint_layers", None)
@@ -218,5 +201,64 @@ def validate_args(args, on: Switches, world_size: int) -> None:
         processes = f" x {world_size} processes" if world_size > 1 else ""
         problems.append(f"--tokens-per-step {args.tokens_per_step} is not a multiple of --micro-batch x --seq-len"
                         f"{processes} ({args.micro_batch} x {args.seq_len}{processes}): accumulation could not keep it")
+    if args.resume and args.no_checkpoints:
+        problems.append("--resume and --no-checkpoints exclude each other")
+    problems += [p for flag, folder in (("--output-dir", args.output_dir), ("--cache-dir", args.cache_dir),
+                                        ("--profile", args.profile)) if folder is not None
+                 for p in [folder_problem(flag, Path(folder), keep=world_size > 1)] if p]
     if problems:
         raise InputError("; ".join(problems))
+
+
+SEED_LIMIT = 2**32  # numpy's seeds (transformers' set_seed seeds numpy too): 0 to 2**32 - 1
+
+
+def bound_problems(args) -> list[str]:
+    """Each numeric flag outside the values that can work (a NaN compares False to every bound: finite first)."""
+    problems = []
+    for name in ("micro_batch", "seq_len", "tokens_per_step", "logging_steps"):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.seq_len == 1:  # a label is the next token: a one-token row has none
+        problems.append("--seq-len must be at least 2 (got 1)")
+    if not math.isfinite(args.epochs) or (args.epochs <= 0 and args.max_steps <= 0):
+        problems.append(f"--epochs must be positive and finite (got {args.epochs:g}) unless --max-steps is given")
+    if args.max_steps == 0 or args.max_steps < -1:
+        problems.append(f"--max-steps must be positive (got {args.max_steps})")
+    for name in ("save_every", "eval_every"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be 0 or positive (got {getattr(args, name)})")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr must be positive and finite (got {args.lr:g})")
+    if args.profile_first < 1:
+        problems.append(f"--profile-first must be positive (got {args.profile_first})")
+    if args.gpu_memory_gib is not None and not (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0):
+        problems.append(f"--gpu-memory-gib must be positive and finite (got {args.gpu_memory_gib:g})")
+    if not 0 <= args.seed < SEED_LIMIT:
+        problems.append(f"--seed must be from 0 to {SEED_LIMIT - 1} (got {args.seed})")
+    return problems
+
+
+def folder_problem(flag: str, folder: Path, keep: bool) -> str | None:
+    """Why the run could not write into `folder`, tried up front: created where missing and a file written and
+    removed (None: it can). The folders it created are removed again unless `keep` (under a launcher, where
+    another process may be trying the same folder at once)."""
+    nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        return f"{flag} {folder}: {nearest} is a file"
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{flag} {folder}: cannot write there ({e.strerror or e})"
+    finally:
+        for p in created if not keep else ():  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+    for name in ("metrics.jsonl", "summary.json") if flag == "--output-dir" else ():
+        if (folder / name).is_dir():
+            return f"{flag} {folder}: {folder / name} is a folder, not a file the run can write"
+    return None

@@ -5,11 +5,13 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback
 
+from harness.checkpoints import save_staged
 from harness.clock import seconds_since_process_start
 
 GIB = 2**30
@@ -130,6 +132,7 @@ class MeasuringTrainer(Trainer):
         self._window_step = 0
         self._paused_seconds = 0.0  # evaluation and checkpoint saving inside the current window
         self.seconds_in = {"eval": 0.0, "save": 0.0}  # over the whole run
+        self.staging = None  # where a checkpoint is being written (harness.checkpoints.save_staged)
         trainer = self
 
         class WindowStart(TrainerCallback):
@@ -169,9 +172,13 @@ class MeasuringTrainer(Trainer):
             with torch.compiler.set_stance("force_eager") if self.evaluate_eagerly else contextlib.nullcontext():
                 return super().evaluate(*a, **kw)
 
-    def _save_checkpoint(self, *a, **kw):  # private, but no callback runs before a save (on_save runs after)
-        with self._paused("save"):
-            return super()._save_checkpoint(*a, **kw)
+    def _save_checkpoint(self, model, trial):  # private, but no callback runs before a save (on_save runs after)
+        with self._paused("save"):  # written into OUTPUT_DIR/.staging, renamed to checkpoint-N once complete
+            save_staged(self, lambda: super(MeasuringTrainer, self)._save_checkpoint(model, trial),
+                        Path(self._get_output_dir(trial)))
+
+    def _get_output_dir(self, trial):  # private: the folder Trainer._save_checkpoint writes checkpoint-N into
+        return str(self.staging) if self.staging is not None else super()._get_output_dir(trial)
 
     def log(self, logs, start_time=None):
         logs = dict(logs)

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from harness.checkpoints import newest_complete, step_of
 from harness.cli import InputError
 
 
@@ -29,23 +30,32 @@ def no_checkpoint_at_the_end(save_every: int):
     return NoCheckpointAtTheEnd()
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """checkpoint-N folders in `out`, oldest first, that were written to the end (trainer_state.json is last)."""
-    found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if out.is_dir() else []
-    return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[-1]))
+def earlier_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders in `out` that a fresh run there would mix with its own (those with trainer_state.json)."""
+    return [p for p in out.iterdir() if step_of(p) is not None and (p / "trainer_state.json").exists()] \
+        if out.is_dir() else []
 
 
 def find_checkpoint(output_dir, resume: bool) -> str | None:
-    """For --resume, the newest complete checkpoint in --output-dir; without --resume, make sure there is none
-    (a fresh run there would leave an older run's checkpoints for a later --resume to pick up)."""
+    """For --resume, the newest complete checkpoint in --output-dir (checkpoints.checkpoint_problem: files present
+    and readable, global_step as named), each newer incomplete one named in a line and skipped; without
+    --resume, make sure there is none (a fresh run there would leave an older run's checkpoints for a later
+    --resume to pick up)."""
     out = Path(output_dir)
-    checkpoints = complete_checkpoints(out)
-    if resume and not checkpoints:
-        raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume first)")
-    if not resume and checkpoints:
-        raise InputError(f"--output-dir {out} holds checkpoints of an earlier run: pass --resume to continue it, "
-                         f"or choose another --output-dir (or delete them)")
-    return str(checkpoints[-1]) if resume else None
+    if not resume:
+        if earlier_checkpoints(out):
+            raise InputError(f"--output-dir {out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                             f"or choose another --output-dir (or delete them)")
+        return None
+    newest, skipped = newest_complete(out, quiet=os.environ.get("RANK", "0") != "0")
+    if newest is None and skipped:
+        raise InputError(f"--resume: no complete checkpoint in {out} ({', '.join(p.name for p in skipped)} "
+                         f"incomplete); to start fresh, delete those folders or choose another --output-dir, "
+                         f"and run without --resume")
+    if newest is None:
+        raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume "
+                         f"to start fresh)")
+    return str(newest)
 
 
 def restart_metrics(path: Path, resume_step: int | None) -> int:

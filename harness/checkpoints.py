@@ -1,0 +1,197 @@
+"""Checkpoints that are whole or absent: staged under OUTPUT_DIR/.staging and renamed into place once complete;
+checked before --resume loads one; a failed save ends in one line and exit 4.
+
+Nothing here imports torch at module level: --resume's check runs before the heavy imports.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+from harness.cli import EXIT_SAVE_FAILED
+
+STAGING = ".staging"  # not "checkpoint-*": transformers' rotation and find_checkpoint never see it
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+           "pytorch_model_fsdp.bin", "adapter_model.bin")  # one of them: full, LoRA, sharded, FSDP's whole state
+OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")  # one of them: plain, FSDP's whole state, sharded
+
+
+class CheckpointNotSaved(SystemExit):
+    """A save failed (full disk, any OSError): the checkpoint was not published, the earlier ones are whole. Its
+    line is printed (first process) as it is raised; it ends the process with exit code 4.
+
+    A SystemExit, so that it passes the session's handler of crashes (which re-raises them with a traceback):
+    the run then ends without summary.json, which a full disk could not take either."""
+
+    def __init__(self, message: str, main_process: bool = True):
+        super().__init__(EXIT_SAVE_FAILED)
+        self.message = message
+        if main_process:
+            print(f"error: {message}", file=sys.stderr)
+
+    def __str__(self):
+        return self.message
+
+
+def step_of(folder: Path) -> int | None:
+    """N of a checkpoint-N folder; None for any other name."""
+    prefix, _, number = folder.name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes `folder` unfit to resume from (a missing, empty, cut short or unreadable file, a global_step
+    that is not the folder's N), or None where it is complete. Reads headers only, never whole tensors."""
+    if not folder.is_dir():
+        return "not a folder"
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        return "the folder is empty"
+    missing = [what for what, options in (("trainer_state.json", ("trainer_state.json",)), ("weights", WEIGHTS),
+                                          ("optimizer state", OPTIMIZER), ("scheduler.pt", ("scheduler.pt",)))
+               if not names & set(options)]
+    if missing:
+        return f"no {', no '.join(missing)}"
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json does not parse"
+    if not isinstance(state, dict) or state.get("global_step") != step_of(folder):
+        got = state.get("global_step") if isinstance(state, dict) else None
+        return f"trainer_state.json says step {got}, not {step_of(folder)}"
+    for path in sorted(folder.iterdir()):
+        problem = file_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` is not a whole file of its kind (safetensors, JSON, torch.save's zip), or None."""
+    if path.is_dir():
+        return None if any(path.iterdir()) else "an empty folder"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors_problem(path, size)
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save writes a zip; its directory is at the end
+            zipfile.ZipFile(path).close()
+    except (ValueError, UnicodeDecodeError):
+        return "does not parse"
+    except zipfile.BadZipFile:
+        return f"cut short or unreadable ({size} bytes)"
+    return None
+
+
+def safetensors_problem(path: Path, size: int) -> str | None:
+    """A safetensors file: an 8-byte header length, a JSON header, then the data its offsets end at."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"header cut short ({size} bytes)"
+        header = json.loads(f.read(length))
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "unreadable header"
+    if 8 + length + end > size:
+        return f"cut short ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def newest_complete(out: Path, quiet: bool = False) -> tuple[Path | None, list[Path]]:
+    """(the newest complete checkpoint-N in `out` or None, the newer incomplete ones skipped). Each skipped one
+    is named in one line on stderr (unless quiet). Staging folders are ignored: they never hold a checkpoint-N."""
+    found = sorted((p for p in out.iterdir() if step_of(p) is not None), key=step_of, reverse=True) \
+        if out.is_dir() else []
+    skipped = []
+    for folder in found:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(folder)
+        if not quiet:
+            print(f"--resume: skipping {folder} (incomplete: {problem})", file=sys.stderr)
+    return None, skipped
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Rename the complete `staged` folder to `final` (atomic on one filesystem). A `final` already there (an
+    incomplete one left by an earlier run, which this resumed run replaces) is moved aside first, then deleted."""
+    if final.exists():
+        aside = staged.parent / f"replaced-{final.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(staged, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError for one (a full disk: "inline_container.cc ... unexpected pos")."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("inline_container", "PytorchStreamWriter", "file write failed", "No space left")))
+
+
+def save_staged(trainer, save, run_dir: Path) -> None:
+    """Run the Trainer's `save` (which writes checkpoint-N into `trainer.staging`, see MeasuringTrainer), then
+    publish it as run_dir/checkpoint-N once every process has written its part, and only then rotate
+    (save_total_limit): the last complete checkpoint is never deleted before the new one is complete.
+
+    Written by hand around Trainer._save_checkpoint: transformers 5.17 writes straight into checkpoint-N and
+    has no staging of its own. A failed write (on any process) raises CheckpointNotSaved on every process.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    name = f"checkpoint-{trainer.state.global_step}"
+    staging, final = run_dir / STAGING, run_dir / name
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+    trainer.accelerator.wait_for_everyone()  # no process writes its part (rng_state_i.pth) into a folder removed
+    error = None
+    trainer.staging = staging
+    try:
+        save()
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        error = f"{getattr(e, 'filename', None) or staging / name}: {e}"
+    finally:
+        trainer.staging = None
+    if error is None and trainer.args.should_save:
+        problem = checkpoint_problem(staging / name)  # a short write that raised nothing is caught here
+        error = problem and f"{staging / name}: {problem}"
+    if failed_anywhere(trainer, error is not None):  # also the barrier: every process's files are written
+        if trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointNotSaved(f"could not save {name}: {error or 'another process failed to write its part'} "
+                                 f"(the earlier checkpoints in {run_dir} are untouched)", trainer.is_world_process_zero())
+    if trainer.args.should_save:
+        try:
+            publish(staging / name, final)
+        except OSError as e:
+            raise CheckpointNotSaved(f"could not rename {staging / name} to {final}: {e}") from e  # first process
+        with contextlib.suppress(OSError):  # empty now; the next save makes it again
+            staging.rmdir()
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=trainer.args.save_total_limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+
+
+def failed_anywhere(trainer, failed: bool) -> bool:
+    """Whether any process of the launch failed (one process: `failed`); every process waits here."""
+    if trainer.args.world_size <= 1:
+        return failed
+    import torch
+
+    flags = trainer.accelerator.gather(torch.tensor([int(failed)], device=trainer.args.device))
+    return bool(flags.max().item())
