@@ -191,7 +191,9 @@ def header(command: str) -> dict:
 
     from harness.measure import versions
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    # "-dirty" where the working tree differs from the commit: the rows then ran code no commit holds
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True,
+                            text=True)
     return {"command": command, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "date": date.today().isoformat(), "versions": versions(), "commit": commit.stdout.strip() or None}
 
