@@ -5,10 +5,10 @@ Nothing here imports torch, so `--help` and a bad flag answer at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,9 +205,9 @@ def validate_args(args, on: Switches, world_size: int) -> None:
         problems.append("--resume and --no-checkpoints exclude each other")
     problems += [p for flag, folder in (("--output-dir", args.output_dir), ("--cache-dir", args.cache_dir),
                                         ("--profile", args.profile)) if folder is not None
-                 for p in [folder_problem(flag, Path(folder), keep=world_size > 1)] if p]
+                 for p in [folder_problem(flag, Path(folder))] if p]
     if problems:
-        raise InputError("; ".join(problems))
+        raise InputError("\n".join(problems))  # one line each
 
 
 SEED_LIMIT = 2**32  # numpy's seeds (transformers' set_seed seeds numpy too): 0 to 2**32 - 1
@@ -239,25 +239,22 @@ def bound_problems(args) -> list[str]:
     return problems
 
 
-def folder_problem(flag: str, folder: Path, keep: bool) -> str | None:
-    """Why the run could not write into `folder`, tried up front: created where missing and a file written and
-    removed (None: it can). The folders it created are removed again unless `keep` (under a launcher, where
-    another process may be trying the same folder at once)."""
+def folder_problem(flag: str, folder: Path) -> str | None:
+    """Why the run could not write into `folder`, tried up front (None: it can): a file written and removed there,
+    or, where it does not exist yet, a folder made and removed beside where it will be. Nothing is left behind, and
+    the names are this process's own, so the processes of a launch can try the same folder at once."""
     nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if nearest is not None and not nearest.is_dir():
         return f"{flag} {folder}: {nearest} is a file"
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        if nearest == folder:
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=nearest))
     except OSError as e:
         return f"{flag} {folder}: cannot write there ({e.strerror or e})"
-    finally:
-        for p in created if not keep else ():  # deepest first
-            with contextlib.suppress(OSError):
-                p.rmdir()
     for name in ("metrics.jsonl", "summary.json") if flag == "--output-dir" else ():
         if (folder / name).is_dir():
             return f"{flag} {folder}: {folder / name} is a folder, not a file the run can write"

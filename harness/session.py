@@ -37,7 +37,8 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
         try:
             run = Run(script, model, args, on)
         except InputError as e:
-            refuse(f"{script}: error: {e}")  # exit 2; under torchrun printed by the first process only
+            refuse("\n".join(f"{script}: error: {problem}" for problem in str(e).splitlines()))  # exit 2; under
+            # torchrun printed by the first process only
         except KeyboardInterrupt:
             interrupted(script)
         failure = None

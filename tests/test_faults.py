@@ -237,8 +237,9 @@ def test_every_problem_is_reported_at_once(tmp_path, cache_dir, capsys):
     with pytest.raises(SystemExit):
         lightweight_small.main([*TINY, "--lr", "nan", "--seed", "-1", "--output-dir", "/proc/no-such-place",
                                 "--cache-dir", str(cache_dir), "--wandb", "off"])
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert "--lr" in line and "--seed" in line and "--output-dir" in line
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 3 and all(line.startswith("lightweight_small: error: ") for line in lines)
+    assert ["--lr" in lines[0], "--seed" in lines[1], "--output-dir" in lines[2]] == [True] * 3
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
