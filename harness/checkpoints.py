@@ -13,7 +13,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-from harness.cli import EXIT_SAVE_FAILED
 
 STAGING = ".staging"  # not "checkpoint-*": transformers' rotation and find_checkpoint never see it
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -21,15 +20,13 @@ WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.
 OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")  # one of them: plain, FSDP's whole state, sharded
 
 
-class CheckpointNotSaved(SystemExit):
+class CheckpointNotSaved(Exception):
     """A save failed (full disk, any OSError): the checkpoint was not published, the earlier ones are whole. Its
-    line is printed (first process) as it is raised; it ends the process with exit code 4.
-
-    A SystemExit, so that it passes the session's handler of crashes (which re-raises them with a traceback):
-    the run then ends without summary.json, which a full disk could not take either."""
+    line is printed (first process) as it is raised; the run then ends as any failure does (summary.json with the
+    error, where the disk still takes it; W&B finished) and exits with code 4 (harness.outcome.finish)."""
 
     def __init__(self, message: str, main_process: bool = True):
-        super().__init__(EXIT_SAVE_FAILED)
+        super().__init__(message)
         self.message = message
         if main_process:
             print(f"error: {message}", file=sys.stderr)

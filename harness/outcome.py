@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.cli import EXIT_OOM
+from harness.cli import EXIT_OOM, EXIT_SAVE_FAILED
 from harness.clock import seconds_since_process_start
 
 
@@ -22,9 +22,13 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
     as the outcome says (or return). A crash other than running out of memory is raised again, with its traceback."""
     import torch
 
+    from harness.checkpoints import CheckpointNotSaved
+
     summary, crash = run.summary, None
     if isinstance(failure, torch.OutOfMemoryError):
         summary["oom"] = True
+    elif isinstance(failure, CheckpointNotSaved):  # its line is printed; no traceback
+        summary["error"] = f"checkpoint not saved: {failure}"
     elif failure is not None:
         crash = failure
         summary["error"] = f"{type(failure).__name__}: {failure}"
@@ -43,10 +47,16 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
         summary["micro_batch_that_fits"] = micro_batch_after_oom(run, failure)
         summary["oom_message"] = oom_line(run)
     summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
-    write_summary(summary, run.output_dir, run.rank, failure is not None, run.wandb_run, run.script)
+    try:
+        write_summary(summary, run.output_dir, run.rank, failure is not None, run.wandb_run, run.script)
+    except OSError:
+        if not isinstance(failure, CheckpointNotSaved):
+            raise  # else the disk that refused the checkpoint refused summary.json too: the exit code says it
     run.trainer = run.model = None
     if crash is not None:
         raise crash
+    if isinstance(failure, CheckpointNotSaved):
+        raise SystemExit(EXIT_SAVE_FAILED)
     exit_as_the_outcome_says(summary, run.script, run.main_process, run.world_size, not run.args.no_checkpoints, argv)
 
 

@@ -97,6 +97,8 @@ def test_full_disk_during_a_save_exits_4_with_one_line(tmp_path, cache_dir, caps
     assert "Traceback" not in err
     assert checkpoints(out) == ["checkpoint-2"] and checkpoint_problem(out / "checkpoint-2") is None
     assert not (out / STAGING).exists()
+    summary = json.loads((out / "summary.json").read_text())  # the run's record says why it ended
+    assert summary["error"].startswith("checkpoint not saved: could not save checkpoint-4") and summary["steps"] == 4
 
 
 def damage(folder: Path, how: str) -> None:
