@@ -84,7 +84,7 @@ def versions() -> dict:
 class StepEnds(TrainerCallback):
     """Each optimizer step's end on the GPU's timeline (a CUDA event, first `steps` steps), read once after
     training: seconds per step without the synchronization a per-step log makes, which changes how far the host
-    runs ahead (lightweight_small's slow window showed with a log every 5 steps, not every step; NOTES.md)."""
+    runs ahead (lightweight_small's slow window showed with a log every 5 steps, not every step)."""
 
     def __init__(self, steps: int = 100):
         self.steps, self.events = steps, []
@@ -206,7 +206,7 @@ class MeasuringTrainer(Trainer):
 
     def _gather_tokens_and_memory(self, window_tokens: bool) -> tuple[int | None, dict]:
         """The window's tokens summed over the processes (if window_tokens), and cuda_memory_gib() with each value the
-        largest over them, in one gather (call 41's profile showed two at every log). Every process logs here.
+        largest over them, in one gather (two gathers showed in a profile at every log). Every process logs here.
         Copying the memory values to the GPU waits for the window's work; reading the gather back, for the gather."""
         memory = cuda_memory_gib()
         measured = [torch.tensor(list(memory.values()), dtype=torch.float64, device=self.args.device)] \

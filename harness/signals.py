@@ -17,8 +17,8 @@ from harness.cli import InputError
 def no_checkpoint_at_the_end(save_every: int):
     """A TrainerCallback that drops the Trainer's own save at the last step (model, optimizer, scheduler, RNG: a
     checkpoint to resume from), unless the step is a --save-every one. A finished run has nothing left to resume,
-    and that save cost more than the training of lightweight_small's default job (3.8 s for 4 GB, NOTES.md call
-    21); the session saves the trained model alone instead (`Run.save_final_model`). A stop signal at the last
+    and that save cost more than the training of lightweight_small's default job (3.8 s for 4 GB); the
+    session saves the trained model alone instead (harness.training.train_to_the_end). A stop signal at the last
     step still saves: StopOnSignal's callback runs after this one."""
     from transformers import TrainerCallback
 
