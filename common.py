@@ -127,24 +127,46 @@ def split_heldout(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def packed_dataset(records, block: int):
     """run_clm's group_texts as a batched map: every record concatenated, in order, and cut into full `block`-token
-    rows; only the remainder < block at the very end is dropped. Cached beside the corpus."""
+    rows; only the remainder < block at the very end is dropped. Cached beside the corpus.
+
+    Each row also has position_ids that restart at 0 at every record and at the row's start (a record cut by a row
+    boundary goes on at 0 in the next row): with them, each record attends only to itself (harness/loss.py); a
+    script that drops the column has run_clm's attention across records, positions 0 to block - 1."""
     import pyarrow.compute as pc
     from datasets import Features, List, Value
 
     left_over = np.empty(0, dtype=np.int32)  # a block runs on into the next batch, so that none is cut short
+    left_over_starts = np.empty(0, dtype=bool)  # whether each left-over token starts a record
 
     def group_texts(batch):
-        nonlocal left_over
+        nonlocal left_over, left_over_starts
+        lengths = pc.list_value_length(batch["input_ids"]).to_numpy()
+        starts = np.zeros(lengths.sum(), dtype=bool)
+        starts[np.cumsum(lengths) - lengths] = True
         ids = np.concatenate([left_over, pc.list_flatten(batch["input_ids"]).to_numpy()])
+        starts = np.concatenate([left_over_starts, starts])
         whole = len(ids) // block * block
-        left_over = ids[whole:]
-        return {"input_ids": ids[:whole].reshape(-1, block)}
+        left_over, left_over_starts = ids[whole:], starts[whole:]
+        return {"input_ids": ids[:whole].reshape(-1, block),
+                "position_ids": restarting_positions(starts[:whole].reshape(-1, block))}
 
+    features = Features({"input_ids": List(Value("int32"), length=block),
+                         "position_ids": List(Value("int32"), length=block)})
     with progress_bars(records.data.nbytes > PROGRESS_BYTES):
         return records.with_format("arrow").map(  # in one process: the batches come in order
             group_texts, batched=True, remove_columns=["input_ids"], desc=f"Packing {block}-token blocks",
-            features=Features({"input_ids": List(Value("int32"), length=block)}),
-            new_fingerprint=content_hash(records._fingerprint, "packed", block)).with_format("numpy")
+            features=features,
+            new_fingerprint=content_hash(records._fingerprint, "packed with positions", block)).with_format("numpy")
+
+
+def restarting_positions(starts: np.ndarray) -> np.ndarray:
+    """Rows x block int32 positions: 0 where `starts` is True and at each row's first column, else one more than the
+    column before."""
+    starts = starts.copy()
+    starts[:, 0] = True
+    column = np.arange(starts.shape[1])
+    last_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
+    return (column - last_start).astype(np.int32)
 
 
 def padded_dataset(records, block: int, pad_id: int):

@@ -42,6 +42,9 @@ TECHNIQUES = {
     # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms and
     # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB).
     "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
+    "document_mask": Technique("packed records attend only to themselves (the local layers' 256-token window inside "
+                               "each), their positions restart at 0: what the padded baseline learns (FlexAttention "
+                               "block masks); off: run_clm's attention across records"),
     "sdpa": Technique("this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window); off: eager"),
     "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
@@ -76,6 +79,7 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from harness.document_attention import DOCUMENT_ATTENTION
     from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
     from harness.loss import put_loss_in_forward
 
@@ -96,8 +100,8 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
                 module.support_avx512bf16_for_cpu = False
-    if on("sdpa"):
-        use_gpt_neo_sdpa(model)
+    if on("sdpa"):  # document_mask: FlexAttention where a batch holds packed documents (eager: a dense mask)
+        use_gpt_neo_sdpa(model, masks=DOCUMENT_ATTENTION if on("document_mask") else "sdpa")
     vocab_size = model.config.vocab_size
     if on("pad_vocab"):  # an odd vocabulary (50,257) leaves the output matmuls unaligned: 15% of the GPU time went
         # to cutlass_75 ... align1 kernels (--profile). The tied embedding grows with it; the
@@ -151,9 +155,13 @@ def main(argv=None):
 
         on, half, args = run.on, run.bf16_or_fp16, run.args
         checkpoint_layers = getattr(args, "checkpoint_layers", None)
+        if not on("packing"):  # padded rows keep each record to itself already
+            on.skip("document_mask", "needs packing")
         model = load_model(run.weights, on, run.device, half, checkpoint_layers)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = packed_dataset(run.train_records, args.seq_len)
+            if not on("document_mask"):  # without position ids: positions 0-1023, attention across records
+                train_set = train_set.remove_columns("position_ids")
         else:
             train_set = padded_dataset(run.train_records, args.seq_len, run.tokenizer.pad_token_id)
         optim = ("paged_adamw_8bit" if on("paged_adamw_8bit") else

@@ -26,6 +26,9 @@ TECHNIQUES = {
     "bf16": Technique("bf16 autocast, fp32 master weights (fp16 where the GPU lacks bf16)", cuda_only=True),
     "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
     "packing": Technique("corpus cut into full blocks, no pad tokens; off: one record per row, padded"),
+    "document_mask": Technique("packed records attend only to themselves, their positions restart at 0: what the "
+                               "padded baseline learns (FlexAttention block masks); off: run_clm's attention across "
+                               "records"),
     "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
     "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
     "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
@@ -49,17 +52,21 @@ TECHNIQUES = {
 # The strongest peer the benchmark compares with: transformers' Trainer with --bf16 --tf32 --optim adamw_torch_fused
 # --torch_compile, SDPA and run_clm's packing, as this script with its own techniques switched
 STRONGEST_PEER = ["--off", "fused_ce", "--off", "compile", "--on", "trainer_compile", "--off", "auto_micro_batch",
-                  "--off", "gc_paused", "--off", "step_overlap", "--off", "checkpoint_to_fit"]
+                  "--off", "gc_paused", "--off", "step_overlap", "--off", "checkpoint_to_fit", "--off", "document_mask"]
 
 
 def load_model(weights, on, device):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from harness.document_attention import DOCUMENT_ATTENTION
     from harness.loss import put_loss_in_forward
 
+    attention = "sdpa" if on("sdpa") else "eager"  # eager: packed documents through a dense additive mask
+    if on("document_mask") and on("sdpa"):  # SDPA, and FlexAttention where a batch holds packed documents
+        attention = DOCUMENT_ATTENTION
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, use_cache=False,
-                                                 attn_implementation="sdpa" if on("sdpa") else "eager")
+                                                 attn_implementation=attention)
     put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
     return model.to(device)
 
@@ -87,6 +94,8 @@ def main(argv=None):
         from transformers import TrainingArguments
 
         on, args = run.on, run.args
+        if not on("packing"):  # padded rows keep each record to itself already
+            on.skip("document_mask", "needs packing")
         model = load_model(run.weights, on, run.device)
         optim = "adamw_torch_fused" if on("fused_adamw") else "adamw_torch"
         micro_batch = args.micro_batch
@@ -97,6 +106,8 @@ def main(argv=None):
             on.skip("checkpoint_to_fit", run.leaner_unused)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = packed_dataset(run.train_records, args.seq_len)
+            if not on("document_mask"):  # without position ids: positions 0-1023, attention across records
+                train_set = train_set.remove_columns("position_ids")
         else:
             train_set = padded_dataset(run.train_records, args.seq_len, run.tokenizer.pad_token_id)
         steps = run.steps_to_train(train_set, micro_batch)

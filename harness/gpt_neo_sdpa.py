@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 
 class GPTNeoSDPAttention(torch.nn.Module):
@@ -34,20 +35,32 @@ class GPTNeoSDPAttention(torch.nn.Module):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.attn_dropout.p if self.training else 0.0
+        if isinstance(attention_mask, dict):  # packed documents (harness/document_attention.py): this layer's mask,
+            attention_mask = attention_mask[self.attention_type]  # on local layers within the window already
+        if isinstance(attention_mask, BlockMask):  # FlexAttention; a dense document mask takes the SDPA path below
+            return self.resid_dropout(self.out_proj(self.flex(q, k, v, attention_mask, dropout))), None
         mask = None  # None: plain causal attention (is_causal below)
         if self.attention_type == "local" or attention_mask is not None:
             mask = self.bias[:, :, :length, :length]  # True: attend
         if attention_mask is not None:  # padding: an SDPA-style boolean mask, or eager's additive one (0 keep)
             mask = mask & (attention_mask >= 0 if attention_mask.dtype != torch.bool else attention_mask)
-        dropout = self.attn_dropout.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                              is_causal=mask is None, scale=1.0)
         out = out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim)
         return self.resid_dropout(self.out_proj(out)), None
 
+    def flex(self, q, k, v, block_mask, dropout: float):
+        """B x T x H*D: transformers' flex attention function (which refuses attention dropout), scale 1.0."""
+        from harness.document_attention import flex_or_sdpa
 
-def use_gpt_neo_sdpa(model) -> int:
-    """Put a GPTNeoSDPAttention in place of every GPT-Neo eager self-attention; returns how many."""
+        out, _ = flex_or_sdpa(self, q, k, v, block_mask, scaling=1.0, dropout=dropout)  # B x T x H x D
+        return out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
+
+
+def use_gpt_neo_sdpa(model, masks: str = "sdpa") -> int:
+    """Put a GPTNeoSDPAttention in place of every GPT-Neo eager self-attention; returns how many. masks: the
+    attention implementation whose masks it takes, "sdpa" or harness.document_attention.DOCUMENT_ATTENTION."""
     from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoAttention, GPTNeoSelfAttention
 
     swapped = 0
@@ -58,5 +71,5 @@ def use_gpt_neo_sdpa(model) -> int:
     # Masks as for SDPA: None without padding (global layers then take the flash kernel through is_causal),
     # else a boolean B x 1 x T x T instead of eager's float mask built at every step. A private attribute:
     # the public `set_attn_implementation("sdpa")` refuses, since transformers has no SDPA for GPT-Neo.
-    model.config._attn_implementation = "sdpa"
+    model.config._attn_implementation = masks
     return swapped

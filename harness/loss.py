@@ -24,15 +24,20 @@ def put_loss_in_forward(model, fused: bool, vocab_size: int | None = None) -> No
     gradients, and FSDP gathers the sharded weights (the tied output embedding too), only for work done inside
     a forward call. The loss is summed over predicted tokens and divided by `num_items_in_batch` (the Trainer's
     count over the whole accumulated step and all processes) or, without it, by this batch's count.
+    position_ids: positions that restart at 0 at each packed document, which then attends only to itself.
     vocab_size: the real vocabulary, where the output layer has more rows (padded for aligned matmuls).
     """
     from transformers.modeling_outputs import CausalLMOutput
 
     hf = unwrap_peft(model)
 
-    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **unused):
+    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
+                **unused):
         body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if position_ids is not None:  # packed documents (common.packed_dataset): each attends only to itself
+            from harness.document_attention import document_mask
+            attention_mask = document_mask(body, position_ids, attention_mask)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         loss = lm_loss_sum(hidden, head, labels, fused, vocab_size)
         count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
         return CausalLMOutput(loss=loss / count)

@@ -36,6 +36,7 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
     import torch
 
     from harness.budget import state_memory_estimate_gib
+    from harness.document_attention import trial_position_ids
 
     estimate = state_memory_estimate_gib(model, optim)["optimizer states"]
     headroom = 0.9 * budget_gib * GIB  # the trial must leave 10% for fragmentation and evaluation
@@ -45,8 +46,9 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
         # once it ends, before the next, smaller trial starts
         placeholder = torch.empty(int(estimate * GIB), dtype=torch.uint8, device=device)
         ids = torch.randint(0, 100, (micro, seq_len), device=device)
+        positions = trial_position_ids(micro, seq_len, model, device)  # packed documents: the same kernels as training
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
         loss.backward()
         del placeholder
         return torch.cuda.max_memory_allocated()
