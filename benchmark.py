@@ -6,6 +6,7 @@ library versions, commit, the command) into results/<file>.json, then results/<f
     python benchmark.py --only small          # the small model's rows and its strongest peer   -> benchmark.json
     python benchmark.py --only big            # the big model's rows, its QLoRA peers            -> benchmark.json
     python benchmark.py --only ablation_small,ablation_big,ablation_budget   # one technique off  -> ablations.json
+    python benchmark.py --only packing        # document_mask and run_clm's packing, both scripts    -> packing.json
     python benchmark.py --only job            # each default job, wall clock (benchmark_jobs.py) -> jobs.json
     python benchmark.py --only scale          # 1 and 2 processes; needs 2 GPUs (benchmark_scale.py) -> scale.json
     python benchmark.py --report              # the .md files and the plots from the JSON files
@@ -80,11 +81,18 @@ GROUPS = {
                                                              ("lightweight_big", BIG, "offload_checkpoints", (4, 2)),
                                                              ("lightweight_big", BIG, "step_overlap", (4, 2)))
                         for gib in budgets],
+    # document_mask against run_clm's packing across records (--off document_mask), one after the other
+    "packing": [
+        row("lightweight_small", "lightweight_small", *SMALL),
+        row("lightweight_small-cross_document", "lightweight_small", *SMALL, "--off", "document_mask"),
+        row("lightweight_big", "lightweight_big", *BIG),
+        row("lightweight_big-cross_document", "lightweight_big", *BIG, "--off", "document_mask"),
+    ],
     "job": [dict(name=f"job-{script}", script=script, job=True) for script in benchmark_jobs.SCRIPTS],
     "scale": benchmark_scale.scale_rows(),
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
-         "ablation_budget": "ablations", "job": "jobs", "scale": "scale"}
+         "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing"}
 # README's ratios, each between two rows of one group (one command): (faster or leaner, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),
           ("lightweight_small-16gib", "peer-trainer_compile-16gib"), ("lightweight_big", "reference_qlora"),

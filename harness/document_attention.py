@@ -26,6 +26,7 @@ from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, and_masks,
 
 DOCUMENT_ATTENTION = "sdpa_documents"  # the attn_implementation name of this module's attention and masks
 TRIAL_DOCUMENT = 256  # the micro-batch probe's trial rows hold documents of this many tokens
+FLEX_DEVICES = {"cuda"}  # where the masks are flex block masks: flex has no backward on the CPU
 
 
 def flex_or_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -47,7 +48,7 @@ def document_masks(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
                  kv_offset=kv_offset, attention_mask=attention_mask, device=device)
     if mask_function is causal_mask_function:
         return sdpa_mask(mask_function=mask_function, **sizes, **kwargs)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type in FLEX_DEVICES:
         def build(mask):
             return flex_attention_mask(mask_function=mask, **sizes)
     else:

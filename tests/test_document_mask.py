@@ -1,0 +1,170 @@
+"""document_mask: a packed block computes for each record what the padded baseline computes for it alone (its own row,
+positions from 0, attention to itself only), losses and gradients, fp32 on the CPU; run_clm's packing does not."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lightweight_small
+from conftest import tiny_script_model
+from harness import document_attention
+from harness.loss import causal_lm_parts
+
+LENGTHS = [(23, 9, 32), (5, 41, 18)]  # records per packed row of 64 tokens (the tiny models' sequence length)
+TOLERANCE = 1e-4  # fp32: about 1e-6 measured; run_clm's packing differs by about 1
+
+
+def positions(row):
+    return torch.cat([torch.arange(n) for n in row])
+
+
+def per_token_losses(model, ids, position_ids=None):
+    """Next-token cross-entropy at every position but the last, as the loss forward computes it (B x T-1)."""
+    body, head = causal_lm_parts(model)
+    mask = None if position_ids is None else document_attention.document_mask(body, position_ids)
+    hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    logits = head(hidden[:, :-1]).float()
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def alone(model, ids, rows):
+    """Each record in its own row, as the padded baseline runs it: its losses, in packed order (the last token of
+    each record predicts nothing here)."""
+    out = []
+    for b, row in enumerate(rows):
+        start = 0
+        for n in row:
+            out.append(per_token_losses(model, ids[b:b + 1, start:start + n])[0])
+            start += n
+    return out
+
+
+def within(losses, rows):
+    """A packed batch's losses per record, without the prediction of the next record's first token."""
+    out = []
+    for b, row in enumerate(rows):
+        start = 0
+        for n in row:
+            out.append(losses[b, start:start + n - 1])
+            start += n
+    return out
+
+
+def largest_difference(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def gradients(model, losses):
+    model.zero_grad()
+    sum(loss.sum() for loss in losses).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_gpt_neo():
+    """GPT-Neo of 2 layers (global, local with a 16-token window), fp32, the repo's SDPA port with document masks."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
+    from harness.sources import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(lightweight_small.MODEL.replace("facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"), 512)
+    config.update(dict(embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, initializer_range=0.2,
+                       use_cache=False))
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.load_state_dict(eager.state_dict())
+    use_gpt_neo_sdpa(model, masks=document_attention.DOCUMENT_ATTENTION)
+    return model.eval(), eager.eval()
+
+
+@pytest.fixture(scope="module")
+def opt(cache_dir_module):
+    model, _ = tiny_script_model(lightweight_small, cache_dir_module)
+    assert model.config._attn_implementation == document_attention.DOCUMENT_ATTENTION
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights 10x the init's 0.02: attention far from uniform, so that what it sees shows
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0, 0.2)
+    return model.eval()  # no dropout: the same function every call
+
+
+@pytest.fixture(scope="module")
+def cache_dir_module(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def batch(vocab_size, rows=LENGTHS, seed=0):
+    ids = torch.randint(1, vocab_size, (len(rows), sum(rows[0])), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.stack([positions(row) for row in rows])
+
+
+def test_opt_packed_documents_compute_what_each_record_alone_computes(opt):
+    ids, pos = batch(opt.config.vocab_size)
+    reference = alone(opt, ids, LENGTHS)
+    packed = within(per_token_losses(opt, ids, pos), LENGTHS)
+    assert largest_difference(packed, reference) < TOLERANCE
+    expected, got = gradients(opt, reference), gradients(opt, packed)
+    assert expected.keys() == got.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    assert max((got[n] - expected[n]).abs().max().item() for n in expected) < TOLERANCE * scale
+
+
+def test_opt_run_clm_packing_does_not(opt):
+    ids, pos = batch(opt.config.vocab_size)
+    with torch.no_grad():
+        across = within(per_token_losses(opt, ids), LENGTHS)  # no position ids: today's packing
+        assert largest_difference(across, alone(opt, ids, LENGTHS)) > 100 * TOLERANCE
+
+
+def test_a_record_is_unchanged_by_the_record_packed_before_it(opt):
+    rows = [(7, 30, 27), (19, 18, 27)]  # the last record the same, after others
+    ids, pos = batch(opt.config.vocab_size, rows)
+    ids[1, 37:] = ids[0, 37:]
+    with torch.no_grad():
+        last = per_token_losses(opt, ids, pos)[:, 37:]
+        assert (last[0] - last[1]).abs().max() < TOLERANCE
+        across = per_token_losses(opt, ids)[:, 37:]
+        assert (across[0] - across[1]).abs().max() > 100 * TOLERANCE
+
+
+def test_gpt_neo_local_window_stays_inside_a_document_longer_than_it():
+    model, eager = tiny_gpt_neo()
+    assert model.config.window_size == 16 and max(max(row) for row in LENGTHS) > 2 * 16
+    ids, pos = batch(model.config.vocab_size)
+    reference = alone(eager, ids, LENGTHS)  # transformers' own GPT-Neo, each record alone
+    packed = within(per_token_losses(model, ids, pos), LENGTHS)
+    assert largest_difference(packed, reference) < TOLERANCE
+    expected, got = gradients(eager, reference), gradients(model, packed)
+    scale = max(g.abs().max().item() for g in expected.values())
+    assert max((got[n] - expected[n]).abs().max().item() for n in expected) < TOLERANCE * scale
+    with torch.no_grad():
+        assert largest_difference(within(per_token_losses(eager, ids), LENGTHS), reference) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("architecture", ["opt", "gpt_neo"])
+def test_flex_block_masks_compute_the_same_forward(architecture, opt, monkeypatch):
+    """The CUDA path's block masks (flex's forward runs on the CPU too, compiled; its backward does not)."""
+    model = opt if architecture == "opt" else tiny_gpt_neo()[0]
+    ids, pos = batch(model.config.vocab_size)
+    with torch.no_grad():
+        dense = per_token_losses(model, ids, pos)
+        monkeypatch.setattr(document_attention, "FLEX_DEVICES", {"cuda", "cpu"})
+        flex = per_token_losses(model, ids, pos)
+    assert (flex - dense).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("script", ["lightweight_small", "lightweight_big"])
+def test_off_document_mask_trains_run_clm_packing(script, tmp_path, cache_dir):
+    import importlib
+    import json
+
+    from conftest import TINY
+
+    summary = importlib.import_module(script).main(
+        [*TINY, "--output-dir", str(tmp_path / "out"), "--cache-dir", str(cache_dir), "--max-steps", "2",
+         "--off", "document_mask"])
+    assert summary["steps"] == 2 and "document_mask" not in summary["techniques"] and "packing" in summary["techniques"]
+    assert summary["final_eval_loss"] is not None  # held-out blocks are still evaluated document by document
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in rows if "loss" in r)
