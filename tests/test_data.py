@@ -147,7 +147,7 @@ def test_collator_without_mask_trains_on_every_token():
     rows = common.packed_dataset(as_dataset(random_records(8)), 64)
     assert "attention_mask" not in rows.column_names and "labels" not in rows.column_names  # labels: not stored
     batch = common.causal_lm_collator(rows.__getitems__([0, 2, 1]))  # as the Trainer's DataLoader fetches
-    assert set(batch) == {"input_ids", "labels"}
+    assert set(batch) == {"input_ids", "position_ids", "labels"}  # position ids: each record attends to itself
     np.testing.assert_array_equal(batch["labels"].numpy(), rows[:]["input_ids"][[0, 2, 1]])
     assert batch["labels"].dtype == torch.int64
 

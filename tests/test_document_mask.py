@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lightweight_big
 import lightweight_small
 from conftest import tiny_script_model
 from harness import document_attention
@@ -67,7 +68,7 @@ def tiny_gpt_neo():
     from harness.sources import tiny_config
 
     torch.manual_seed(0)
-    config = tiny_config(lightweight_small.MODEL.replace("facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"), 512)
+    config = tiny_config(lightweight_big.MODEL, 512)
     config.update(dict(embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, initializer_range=0.2,
                        use_cache=False))
     eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -78,8 +79,8 @@ def tiny_gpt_neo():
 
 
 @pytest.fixture(scope="module")
-def opt(cache_dir_module):
-    model, _ = tiny_script_model(lightweight_small, cache_dir_module)
+def opt(cache_dir):
+    model, _ = tiny_script_model(lightweight_small, cache_dir)
     assert model.config._attn_implementation == document_attention.DOCUMENT_ATTENTION
     torch.manual_seed(0)
     with torch.no_grad():  # weights 10x the init's 0.02: attention far from uniform, so that what it sees shows
@@ -87,11 +88,6 @@ def opt(cache_dir_module):
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.normal_(0, 0.2)
     return model.eval()  # no dropout: the same function every call
-
-
-@pytest.fixture(scope="module")
-def cache_dir_module(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def batch(vocab_size, rows=LENGTHS, seed=0):
