@@ -2,7 +2,7 @@
 position ids that restart at 0 at every document (common.packed_dataset), through FlexAttention block masks.
 
 Flex, not variable-length attention, for both models: measured on an H200 (attention alone, forward and backward,
-bf16, 16 x 1024 tokens, documents of about 250; /tmp/packing_proto/gpu_check.py of the prototype), OPT's head_dim 64:
+bf16, 16 x 1024 tokens, documents of about 250; torch 2.11, by a one-off script not kept), OPT's head_dim 64:
 causal without documents 0.60 ms, a dense document mask 1.17 ms, flex 0.77 ms, varlen 1.02 ms; head_dim 128 (GPT-Neo's
 global layers): 0.92, 1.95, 1.02, 1.65 ms; GPT-Neo's local layers, today's dense window mask 1.95 ms, flex with the
 window inside the document 0.99 ms, varlen 1.54 ms. Varlen also runs on CUDA in fp16/bf16 only. Building a block mask
