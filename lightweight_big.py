@@ -66,7 +66,7 @@ TECHNIQUES = {
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
                    "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch", "--off", "gc_paused",
-                   "--off", "offload_checkpoints", "--off", "step_overlap",
+                   "--off", "offload_checkpoints", "--off", "step_overlap", "--off", "document_mask",
                    "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
 # qlora.py's own defaults: r=64, alpha 16, dropout 0.05, paged 32-bit AdamW, 1 x 16 accumulation
 QLORA_PY_DEFAULTS = [*REFERENCE_QLORA, "--on", "qlora_py_adapters", "--micro-batch", "1", "--tokens-per-step", "16384"]
