@@ -142,12 +142,13 @@ def versions_line(v: dict) -> str:
 
 
 def rows_table(rows: list[dict]) -> list[str]:
-    lines = ["| run | techniques off | budget GiB | micro-batch | tokens/s | MFU | peak GiB | eval loss | OOM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | techniques off | budget GiB | micro-batch | tokens/s | MFU | peak GiB | train s | eval loss | OOM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r.get('ablation') or ''} | {fmt(r.get('budget_gib'), 'g')} "
                      f"| {fmt(r.get('micro_batch'), 'd')} | {fmt(r.get('tokens_per_second'), ',.0f')} "
                      f"| {fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_memory_gib'), '.2f')} "
+                     f"| {fmt(r.get('train_seconds'), '.1f')} "
                      f"| {fmt(r.get('eval_loss'), '.4f')} | {'yes' if r.get('oom') else ''}"
                      + (f" {r['error']}" if r.get("error") else "") + " |")
     return lines
