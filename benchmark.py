@@ -111,13 +111,15 @@ def run_one(spec: dict, workdir: Path, smoke: bool = False) -> dict:
     """Run one script in a fresh Python process (runs sharing one were seen to leak into each other: TF32 left on,
     another micro-batch chosen for the same budget); return its row, out-of-memory rows included."""
     out = workdir / spec["name"]
-    (out / "summary.json").unlink(missing_ok=True)  # a run that dies early must not report an older summary
+    for old in ("summary.json", "metrics.jsonl"):  # a run that dies early must not report an older run's
+        (out / old).unlink(missing_ok=True)
     argv = ["--init", "random", "--wandb", "off", "--no-checkpoints", "--output-dir", str(out), *spec["argv"],
             *(SMOKE_ARGV if smoke else [])]
     print(f"\n=== {spec['name']}: {spec['script']}.py {' '.join(argv)}", file=sys.stderr, flush=True)
     code = subprocess.run([*benchmark_scale.launch_command(spec), *argv], cwd=REPO).returncode
-    error = None if code in (0, EXIT_OOM) else f"exit {code}"  # one failed run must not lose the others
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    # one failed run must not lose the others; out of memory is a result (a launcher exits 1 for it)
+    error = None if code in (0, EXIT_OOM) or summary.get("oom") else f"exit {code}"
     if error:
         print(f"!!! {spec['name']} failed: {error}", file=sys.stderr)
     keys = ("techniques", "budget_gib", "micro_batch", "seq_len", "mfu", "peak_memory_gib", "train_seconds", "oom",
@@ -174,8 +176,8 @@ def report(results_dir: Path = RESULTS) -> None:
         lines = [f"# Benchmark: {stem}\n", "Written by benchmark.py from the JSON beside this file.\n"]
         for group, block in results["commands"].items():
             rows = [r for r in results["runs"] if r.get("group") == group]
-            lines += [f"\n## {group}\n", f"`{block['command']}` on {block['gpu']}, {block['date']}, commit "
-                      f"{block['commit']}; {versions_line(block['versions'])}.\n"]
+            lines += [f"\n## {group}\n", f"`{block.get('command')}` on {block.get('gpu')}, {block.get('date')}, "
+                      f"commit {block.get('commit')}; {versions_line(block.get('versions', {}))}.\n"]
             if group == "job":
                 lines += benchmark_jobs.job_table(runs)
             elif group == "scale":
@@ -210,13 +212,12 @@ def header(command: str) -> dict:
 def run_group(group: str, path: Path, block: dict, workdir: Path, wanted, smoke: bool, warm_runs: int) -> None:
     """Run `group`'s rows (those in `wanted`, if given), each saved into `path` as it ends."""
     results = load(path)
-    other_gpu = {b["gpu"] for g, b in results["commands"].items() if g != group} - {block["gpu"]}
+    other_gpu = {b.get("gpu") for g, b in results["commands"].items() if g != group} - {block["gpu"]}
     if other_gpu:  # rows of different GPU models never mix in one file
         refuse(f"{path} holds rows measured on {', '.join(sorted(other_gpu))}, and this machine is {block['gpu']}: "
                f"write elsewhere with --results-dir")
     if wanted is None:  # the whole group again: none of its old rows stay
         results["runs"] = [r for r in results["runs"] if r.get("group") != group]
-    results["commands"][group] = block
     for spec in GROUPS[group]:
         if (wanted is not None and spec["name"] not in wanted) or (smoke and "--gpu-memory-gib" in spec.get("argv", [])):
             continue
@@ -226,11 +227,13 @@ def run_group(group: str, path: Path, block: dict, workdir: Path, wanted, smoke:
         else:
             result = run_one(spec, workdir, smoke=smoke)
         results["runs"] = [r for r in results["runs"] if r["name"] != spec["name"]] + [dict(result, group=group)]
+        results["commands"][group] = block  # once a row of this command is in
         path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--only", default="small,big", help=f"groups to run: {', '.join(GROUPS)} (default: %(default)s)")
     p.add_argument("--runs", default=None, help="only these row names (comma-separated) of the chosen groups")
     p.add_argument("--results-dir", default=None, help="where the JSON and .md files go (default: results/; "
@@ -251,6 +254,13 @@ def main(argv=None):
     unknown = set(groups) - set(GROUPS)
     if unknown:
         refuse(f"unknown group(s): {', '.join(sorted(unknown))}; known: {', '.join(GROUPS)}")
+    wanted = set(args.runs.split(",")) if args.runs else None
+    if wanted is not None:
+        unknown = wanted - {spec["name"] for group in groups for spec in GROUPS[group]}
+        if unknown:
+            refuse(f"--runs: no row {', '.join(sorted(unknown))} in {args.only}")
+        if args.results_dir is None and not args.smoke:  # a block's command and commit stand for its whole group
+            refuse("--runs reruns part of a group: give --results-dir, so that results/ keeps whole groups")
 
     import torch
 
@@ -258,10 +268,10 @@ def main(argv=None):
         refuse("needs a CUDA GPU (--smoke runs tiny models on the CPU)")
     if "job" in groups and not args.smoke:
         benchmark_jobs.warm_bytecode()
-    wanted = set(args.runs.split(",")) if args.runs else None
     given = argv if argv is not None else sys.argv[1:]
-    command = " ".join(["python benchmark.py", *(a for i, a in enumerate(given)  # where the files went: not the rows'
-                                                 if not {a, given[i - 1] if i else ""} & {"--results-dir", "--workdir"})])
+    where = ("--results-dir", "--workdir")  # where the files went, not what ran: left out of the block's command
+    command = " ".join(["python benchmark.py", *(a for i, a in enumerate(given) if not a.startswith(where)
+                                                 and not (i and given[i - 1] in where))])
     for group in groups:
         block = header(command)
         run_group(group, results_dir / f"{FILES[group]}.json", block, Path(args.workdir), wanted, args.smoke,

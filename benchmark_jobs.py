@@ -75,8 +75,8 @@ def job_row(script: str, workdir: Path, argv=(), warm_runs: int = 1) -> dict:
 
 
 def job_table(runs: dict) -> list[str]:
-    """benchmark.md's whole-job section: each pair's wall clock and the ratio."""
-    lines = ["\n## The whole default job (one epoch), wall clock from outside the process\n",
+    """jobs.md's table: each pair's wall clock (one epoch, timed from outside the process) and the ratio."""
+    lines = [
              "| job | steps | micro-batch | job s (warm) | job s (cold) | train s | startup s | setup s | compile s "
              "| eval s | save s | eval loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec=".1f": "—" if v is None else format(v, spec)  # noqa: E731

@@ -46,8 +46,8 @@ COMPARED_STEPS = 20
 
 
 def scale_table(runs: dict) -> list[str]:
-    """benchmark.md's scaling section: tokens/s against processes and the largest per-step loss difference."""
-    lines = ["\n## Scaling out: 1 and 2 processes, same tokens per step\n",
+    """scale.md's table: tokens/s against processes and the largest per-step loss difference."""
+    lines = ["Same tokens per step on 1 and 2 processes.\n",
              "| script | parallelism | processes | micro-batch | steps | tokens/s | vs 1 | per-GPU peak GiB | eval loss "
              f"| largest relative per-step loss difference vs 1, first {COMPARED_STEPS} steps | all steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -80,3 +80,22 @@ def test_an_unknown_group_is_refused_in_one_line(capsys):
     assert refused.value.code == 2
     assert capsys.readouterr().err.strip() == ("benchmark.py: error: unknown group(s): headline; known: "
                                                + ", ".join(benchmark.GROUPS))
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--only", "small", "--runs", "lightweight_smal", "--results-dir", "x"],
+     "benchmark.py: error: --runs: no row lightweight_smal in small"),
+    (["--only", "small", "--runs", "lightweight_small"],
+     "benchmark.py: error: --runs reruns part of a group: give --results-dir, so that results/ keeps whole groups")])
+def test_a_partial_or_misspelt_run_is_refused_before_anything_runs(argv, line, capsys):
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(argv)
+    assert refused.value.code == 2 and capsys.readouterr().err.strip() == line
+
+
+def test_where_the_files_went_is_no_part_of_a_blocks_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    benchmark.main(["--smoke", "--only", "small", "--runs", "before_small", f"--results-dir={tmp_path}",
+                    "--workdir", str(tmp_path / "w")])
+    block = json.loads((tmp_path / "benchmark.json").read_text())["commands"]["small"]
+    assert block["command"] == "python benchmark.py --smoke --only small --runs before_small"
