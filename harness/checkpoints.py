@@ -165,10 +165,11 @@ def save_staged(trainer, save, run_dir: Path) -> None:
         error = f"{getattr(e, 'filename', None) or staging / name}: {e}"
     finally:
         trainer.staging = None
-    if error is None and trainer.args.should_save:
+    failed = failed_anywhere(trainer, error is not None)  # also the barrier: every process's files are written
+    if not failed and trainer.args.should_save:
         problem = checkpoint_problem(staging / name)  # a short write that raised nothing is caught here
         error = problem and f"{staging / name}: {problem}"
-    if failed_anywhere(trainer, error is not None):  # also the barrier: every process's files are written
+    if failed or failed_anywhere(trainer, error is not None):  # every process learns the check's answer
         if trainer.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointNotSaved(f"could not save {name}: {error or 'another process failed to write its part'} "

@@ -28,7 +28,7 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
     if isinstance(failure, torch.OutOfMemoryError):
         summary["oom"] = True
     elif isinstance(failure, CheckpointNotSaved):  # its line is printed; no traceback
-        summary["error"] = f"checkpoint not saved: {failure}"
+        summary["error"] = str(failure)
     elif failure is not None:
         crash = failure
         summary["error"] = f"{type(failure).__name__}: {failure}"

@@ -125,6 +125,8 @@ class Run:
         self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)  # one GPU per process (torchrun: LOCAL_RANK)
+            if "tf32" in on.declared and torch.cuda.get_device_capability(self.device)[0] < 8:  # TrainingArguments
+                on.skip("tf32", "needs an Ampere or newer GPU")  # refuses tf32 on a V100 or T4
         else:
             on.skip_cuda_only("CUDA only (this run is on the CPU)")
         if args.profile and not self.cuda:

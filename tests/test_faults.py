@@ -98,7 +98,7 @@ def test_full_disk_during_a_save_exits_4_with_one_line(tmp_path, cache_dir, caps
     assert checkpoints(out) == ["checkpoint-2"] and checkpoint_problem(out / "checkpoint-2") is None
     assert not (out / STAGING).exists()
     summary = json.loads((out / "summary.json").read_text())  # the run's record says why it ended
-    assert summary["error"].startswith("checkpoint not saved: could not save checkpoint-4") and summary["steps"] == 4
+    assert summary["error"].startswith("could not save checkpoint-4") and summary["steps"] == 4
 
 
 def damage(folder: Path, how: str) -> None:
@@ -254,3 +254,22 @@ def test_the_issues_values_exit_2_before_torch_in_a_process_of_their_own(script,
         lines = done.stderr.splitlines()
         assert done.returncode == 2 and lines[-1] == "False" and len(lines) == 2, done.stderr
         assert lines[0].startswith(f"{script}: error: ")
+
+
+def test_full_disk_at_the_final_save_exits_4_with_one_line(tmp_path, cache_dir, capsys, monkeypatch):
+    from transformers import Trainer
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_model", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main([*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir", str(cache_dir),
+                                "--wandb", "off"])
+    assert e.value.code == EXIT_SAVE_FAILED
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "could not save the trained model" in line and "No space left on device" in line
+    assert "Traceback" not in err
+    assert json.loads((out / "summary.json").read_text())["error"].startswith("could not save the trained model")
