@@ -237,6 +237,7 @@ class Run:
         """
         import torch
 
+        from harness.checkpoints import step_of
         from harness.measure import parameter_counts, peak_tflops
         from harness.signals import restart_metrics
         from harness.training import add_run_callbacks, measuring_trainer, train_to_the_end, training_summary
@@ -250,7 +251,7 @@ class Run:
                             micro_batch_reason=self.micro_batch_reason,
                             gradient_accumulation=training_args.gradient_accumulation_steps,
                             techniques=self.on.names_on(), techniques_skipped=dict(self.on.skipped))  # as decided
-        resume_step = int(Path(self.checkpoint).name.split("-")[-1]) if self.checkpoint else None
+        resume_step = step_of(Path(self.checkpoint)) if self.checkpoint else None
         tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
         self.summary["trainable_params"], self.summary["total_params"] = parameter_counts(model)
         self.start_wandb(training_args)

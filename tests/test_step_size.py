@@ -1,5 +1,4 @@
 """Step accounting: a pair takes the same optimizer steps over the same epoch; the micro-batch agreed by a launch."""
-import json
 import os
 
 import pytest
