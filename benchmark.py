@@ -93,10 +93,11 @@ GROUPS = {
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
          "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing"}
-# README's ratios, each between two rows of one group (one command): (faster or leaner, compared with)
+# README's ratios, each between two rows of one file's group (one command): (the row, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),
           ("lightweight_small-16gib", "peer-trainer_compile-16gib"), ("lightweight_big", "reference_qlora"),
-          ("lightweight_big", "qlora_py_defaults"), ("lightweight_big-4gib", "reference_qlora")]
+          ("lightweight_big", "qlora_py_defaults"), ("lightweight_big-4gib", "reference_qlora"),
+          ("lightweight_small", "lightweight_small-cross_document"), ("lightweight_big", "lightweight_big-cross_document")]
 
 
 def read_curves(output_dir: Path) -> dict:
@@ -160,7 +161,7 @@ def ratio_lines(runs: dict) -> list[str]:
     lines = []
     for fast, slow in RATIOS:
         a, b = runs.get(fast), runs.get(slow)
-        if a and b and a.get("tokens_per_second") and b.get("tokens_per_second"):
+        if a and b and a.get("group") == b.get("group") and a.get("tokens_per_second") and b.get("tokens_per_second"):
             lines.append(f"- {fast} vs {slow}: {a['tokens_per_second'] / b['tokens_per_second']:.2f}x the tokens/s, "
                          f"{fmt(a.get('peak_memory_gib'), '.1f')} vs {fmt(b.get('peak_memory_gib'), '.1f')} GiB peak")
     return ["\nRatios (tokens/s; rows of one command):\n", *lines] if lines else []
@@ -184,8 +185,7 @@ def report(results_dir: Path = RESULTS) -> None:
                 lines += benchmark_scale.scale_table(runs)
             else:
                 lines += rows_table(rows)
-        if stem == "benchmark":
-            lines += ratio_lines(runs)
+        lines += ratio_lines(runs)
         (results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     benchmark_plots.plots({stem: load(results_dir / f"{stem}.json") for stem in set(FILES.values())}, results_dir)
     print(f"wrote {results_dir}/*.md and plots", file=sys.stderr)
