@@ -43,6 +43,9 @@ def run_config(run, training_args) -> dict:
         "token_slots_per_step": micro_batch * args.seq_len * run.world_size * accumulation,
         "max_steps": args.max_steps, "learning_rate": args.lr, "seed": args.seed, "budget_gib": args.gpu_memory_gib,
         "checkpoint_layers": getattr(args, "checkpoint_layers", None), "optimizer": run.optim,
+        "lr_scheduler": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        "autocast": str(run.autocast_dtype), "tf32": training_args.tf32, "torch_compile": training_args.torch_compile,
+        "eval_steps": training_args.eval_steps, "save_steps": training_args.save_steps,
         "gpu": torch.cuda.get_device_name(0) if run.cuda else "cpu", "versions": versions(),
         "trainable_params": run.summary["trainable_params"], "total_params": run.summary["total_params"],
     }

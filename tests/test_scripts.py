@@ -65,6 +65,7 @@ def test_script_trains_and_logs(script, tmp_path, cache_dir, capsys):
     assert config["script"] == script and config["init"] == "random"
     assert config["techniques"].keys() == getattr(importlib.import_module(script), "TECHNIQUES", {}).keys()
     assert config["versions"]["transformers"] and "gpu" in config
+    assert config["lr_scheduler"] == "linear" and config["autocast"] == "None" and config["eval_steps"] >= 1
     assert "wandb sync" in capsys.readouterr().err
 
 
