@@ -193,7 +193,8 @@ def padded_dataset(records, block: int, pad_id: int):
 
 
 def causal_lm_collator(rows: list[dict], fill_to_rows: int = 0) -> dict:
-    """The Trainer's batch: int64 input_ids (and attention_mask), labels = the inputs with padding set to -100.
+    """The Trainer's batch: int64 input_ids (and attention_mask, position_ids), labels = the inputs with padding and
+    the first token of each packed record (position 0) set to -100.
 
     By hand because the library's DataCollatorForLanguageModeling sets -100 wherever the id is the pad id, and
     here the pad id is EOS, which ends every real record and is learned. fill_to_rows: a shorter batch (an
@@ -208,6 +209,8 @@ def causal_lm_collator(rows: list[dict], fill_to_rows: int = 0) -> dict:
     batch["labels"] = batch["input_ids"].clone()
     if "attention_mask" in batch:
         batch["labels"][batch["attention_mask"] == 0] = -100
+    if "position_ids" in batch:  # packed records kept apart: a record's first token is not predicted from the end
+        batch["labels"][batch["position_ids"] == 0] = -100  # of the one before, as the padded baseline's rows never do
     batch["labels"][real:] = -100
     return batch
 

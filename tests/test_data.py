@@ -143,13 +143,23 @@ def test_collator_labels_ignore_padding_only():
     np.testing.assert_array_equal(labels[mask == 1], ids[mask == 1])  # ... the input ids elsewhere (EOS included)
 
 
-def test_collator_without_mask_trains_on_every_token():
+def test_packed_labels_leave_out_each_records_first_token_only():
     rows = common.packed_dataset(as_dataset(random_records(8)), 64)
     assert "attention_mask" not in rows.column_names and "labels" not in rows.column_names  # labels: not stored
     batch = common.causal_lm_collator(rows.__getitems__([0, 2, 1]))  # as the Trainer's DataLoader fetches
     assert set(batch) == {"input_ids", "position_ids", "labels"}  # position ids: each record attends to itself
-    np.testing.assert_array_equal(batch["labels"].numpy(), rows[:]["input_ids"][[0, 2, 1]])
+    ids, starts = rows[:]["input_ids"][[0, 2, 1]], rows[:]["position_ids"][[0, 2, 1]] == 0
+    labels = batch["labels"].numpy()
+    assert starts[:, 1:].any() and ((labels == -100) == starts).all()  # -100 exactly where a record starts ...
+    np.testing.assert_array_equal(labels[~starts], ids[~starts])  # ... the input ids elsewhere
     assert batch["labels"].dtype == torch.int64
+
+
+def test_packed_labels_across_records_train_on_every_token():
+    """--off document_mask (the column dropped): run_clm's packing, every token a target."""
+    rows = common.packed_dataset(as_dataset(random_records(8)), 64).remove_columns("position_ids")
+    batch = common.causal_lm_collator(rows.__getitems__([0, 2, 1]))
+    np.testing.assert_array_equal(batch["labels"].numpy(), rows[:]["input_ids"][[0, 2, 1]])
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -16,14 +16,30 @@ SUMMARY_KEYS = {"train_seconds", "job_seconds", "startup_seconds", "setup_second
                 "final_train_loss", "final_eval_loss", "trainable_params", "total_params", "oom"}
 
 
+def tokens_with_loss(monkeypatch) -> list[int]:
+    """Filled as the run trains: each training micro-batch's tokens that carry loss, counted from the batch."""
+    from harness.measure import MeasuringTrainer
+
+    counted, compute_loss = [], MeasuringTrainer.compute_loss
+
+    def counting(self, model, inputs, *args, **kwargs):
+        if model.training:
+            counted.append(int((inputs["labels"][:, 1:] != -100).sum()))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(MeasuringTrainer, "compute_loss", counting)
+    return counted
+
+
 def run_script(script, out, cache_dir, *extra):
     return importlib.import_module(script).main(
         [*TINY, "--output-dir", str(out), "--cache-dir", str(cache_dir), *extra])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_script_trains_and_logs(script, tmp_path, cache_dir, capsys):
+def test_script_trains_and_logs(script, tmp_path, cache_dir, capsys, monkeypatch):
     out = tmp_path / "out"
+    counted = tokens_with_loss(monkeypatch)
     summary = run_script(script, out, cache_dir, "--max-steps", "3", "--wandb", "offline")
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -39,8 +55,9 @@ def test_script_trains_and_logs(script, tmp_path, cache_dir, capsys):
     assert on_disk["oom"] is False and on_disk["steps"] == 3
     assert on_disk["parallelism"] == "none (one process on the CPU)" and "how_measured" not in on_disk  # what ran
     assert on_disk["tokens_trained"] == train[-1]["tokens_trained"]
-    if "packing" in getattr(importlib.import_module(script), "TECHNIQUES", {}):  # 3 steps x 8 rows x 63 predicted tokens
-        assert on_disk["tokens_trained"] == 3 * 8 * 63
+    assert on_disk["tokens_trained"] == sum(counted)
+    if "packing" in getattr(importlib.import_module(script), "TECHNIQUES", {}):  # 3 steps x 8 rows x 63 predictions,
+        assert 3 * 8 * 63 - 3 * 8 * 4 < on_disk["tokens_trained"] <= 3 * 8 * 63  # less any record's first token
     assert 0 < on_disk["trainable_params"] <= on_disk["total_params"]
     assert not list(out.glob("checkpoint-*"))  # 3 steps, --save-every 100: nothing to resume from at the end
     saved = {p.name for p in out.iterdir()}  # the trained model alone, in --output-dir
@@ -101,13 +118,14 @@ def test_out_of_memory_exits_3_with_one_line(tmp_path, cache_dir, capsys, monkey
     assert json.loads(read_offline_run(run_dir)["summary"]["oom"]) is True
 
 
-def test_steps_after_the_last_log_are_counted(tmp_path, cache_dir):
+def test_steps_after_the_last_log_are_counted(tmp_path, cache_dir, monkeypatch):
     """--logging-steps that does not divide --max-steps: the last step is logged anyway, its tokens counted."""
+    counted = tokens_with_loss(monkeypatch)
     summary = run_script("lightweight_small", tmp_path / "out", cache_dir, "--max-steps", "5", "--logging-steps", "3",
                          "--wandb", "off")
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [3, 5]
-    assert summary["tokens_trained"] == 5 * 8 * 63
+    assert summary["tokens_trained"] == sum(counted) and len(counted) == 5 * 2  # 5 steps of 2 micro-batches
 
 
 @pytest.mark.parametrize("script", [lightweight_small, lightweight_big])
