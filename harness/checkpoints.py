@@ -148,8 +148,6 @@ def save_staged(trainer, save, run_dir: Path) -> None:
     Written by hand around Trainer._save_checkpoint: transformers 5.17 writes straight into checkpoint-N and
     has no staging of its own. A failed write (on any process) raises CheckpointNotSaved on every process.
     """
-    from transformers.trainer_utils import rotate_checkpoints
-
     name = f"checkpoint-{trainer.state.global_step}"
     staging, final = run_dir / STAGING, run_dir / name
     if trainer.args.should_save:
@@ -181,8 +179,19 @@ def save_staged(trainer, save, run_dir: Path) -> None:
             raise CheckpointNotSaved(f"could not rename {staging / name} to {final}: {e}") from e  # first process
         with contextlib.suppress(OSError):  # empty now; the next save makes it again
             staging.rmdir()
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=trainer.args.save_total_limit,
-                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+        rotate(run_dir, trainer.args.save_total_limit)
+
+
+def rotate(run_dir: Path, keep: int | None) -> None:
+    """All but the newest `keep` checkpoints deleted, each first renamed out of sight: transformers'
+    rotate_checkpoints deletes in place, and a death mid-delete left a partial checkpoint-N."""
+    folders = sorted((p for p in run_dir.glob("checkpoint-*") if step_of(p) is not None), key=step_of)
+    for old in folders[:-keep] if keep else ():
+        aside = run_dir / STAGING / f"deleting-{old.name}"
+        aside.parent.mkdir(exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(old, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def failed_anywhere(trainer, failed: bool) -> bool:
