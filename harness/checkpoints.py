@@ -177,9 +177,9 @@ def save_staged(trainer, save, run_dir: Path) -> None:
             publish(staging / name, final)
         except OSError as e:
             raise CheckpointNotSaved(f"could not rename {staging / name} to {final}: {e}") from e  # first process
+        rotate(run_dir, trainer.args.save_total_limit)
         with contextlib.suppress(OSError):  # empty now; the next save makes it again
             staging.rmdir()
-        rotate(run_dir, trainer.args.save_total_limit)
 
 
 def rotate(run_dir: Path, keep: int | None) -> None:
