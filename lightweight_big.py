@@ -2,6 +2,9 @@
 
     python lightweight_big.py --gpu-memory-gib 4
 
+`--model` takes any decoder-only causal LM; a technique that does not fit its architecture is skipped, and the run's
+record says why.
+
 The standard Hugging Face + PEFT QLoRA recipe (artidoro/qlora's qlora.py), which the benchmark compares with, is
 this script with its own techniques switched: `python lightweight_big.py` followed by REFERENCE_QLORA below.
 """
@@ -19,7 +22,7 @@ SIZES = dict(micro_batch=32,           # one micro-batch per step: its host work
              tokens_per_step=32768,    # 4.1); auto_micro_batch halves it to fit the GPU or budget
              learning_rate=LEARNING_RATE)
 LORA_RANK, LORA_ALPHA = 16, 32
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]  # every attention and MLP projection
+LORA_TARGETS = "all-linear"  # peft: every linear projection of the blocks (not the output layer), whatever its name
 TECHNIQUES = {
     "nf4": Technique("base weights in 4-bit NF4, double quantization, bf16 compute (bitsandbytes)", needs=("lora",)),
     "lora": Technique(f"rank-{LORA_RANK} adapters on every attention and MLP projection; the base is frozen (peft)"),
@@ -45,7 +48,8 @@ TECHNIQUES = {
     "document_mask": Technique("packed records attend only to themselves (the local layers' 256-token window inside "
                                "each), their positions restart at 0: what the padded baseline learns (FlexAttention "
                                "block masks); off: run_clm's attention across records"),
-    "sdpa": Technique("this repo's SDPA port of GPT-Neo attention (scale 1, 256-token local window); off: eager"),
+    "sdpa": Technique("fused scaled-dot-product attention: transformers' own, or for GPT-Neo (which it gives only "
+                      "eager attention) this repo's port (scale 1, 256-token local window); off: eager"),
     "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
     "pad_vocab": Technique("output layer padded from 50,257 to 50,304 rows (a multiple of 64), the padding's logits "
@@ -73,18 +77,23 @@ QLORA_PY_DEFAULTS = [*REFERENCE_QLORA, "--on", "qlora_py_adapters", "--micro-bat
 
 
 def load_model(weights, on, device, half, checkpoint_layers=None):
-    """GPT-Neo as QLoRA wants it; `half` is bf16, or fp16 on a GPU without bf16."""
+    """The model as QLoRA wants it; `half` is bf16, or fp16 on a GPU without bf16."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from harness.document_attention import DOCUMENT_ATTENTION
     from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
     from harness.loss import put_loss_in_forward
 
+    gpt_neo = AutoConfig.from_pretrained(weights).model_type == "gpt_neo"  # transformers gives it eager attention
+    # alone (besides flash-attn), and this repo's port (use_gpt_neo_sdpa) replaces it
+    attention = "sdpa" if on("sdpa") and not gpt_neo else "eager"
+    if attention == "sdpa" and on("document_mask"):  # SDPA, and FlexAttention where a batch holds packed documents
+        attention = DOCUMENT_ATTENTION
     options = dict(dtype=half if on("lora") else torch.float32,  # a frozen base needs no fp32 master copy
-                   use_cache=False, attn_implementation="eager")  # transformers' only one here besides flash-attn
+                   use_cache=False, attn_implementation=attention)
     if on("nf4"):
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=half)
@@ -100,7 +109,7 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
                 module.support_avx512bf16_for_cpu = False
-    if on("sdpa"):  # document_mask: FlexAttention where a batch holds packed documents (eager: a dense mask)
+    if on("sdpa") and gpt_neo:  # document_mask: FlexAttention where a batch holds packed documents (eager: dense)
         use_gpt_neo_sdpa(model, masks=DOCUMENT_ATTENTION if on("document_mask") else "sdpa")
     vocab_size = model.config.vocab_size
     if on("pad_vocab"):  # an odd vocabulary (50,257) leaves the output matmuls unaligned: 15% of the GPU time went
@@ -118,7 +127,7 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
                                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     if on("lora_autocast"):
         # Without autocast, peft casts each adapted layer's input to the adapters' fp32 and their output back:
-        # two full-size copies per projection, 6 per block, in forward and again in recompute. Under autocast it
+        # two full-size copies per projection, in forward and again in recompute. Under autocast it
         # skips them and the adapters' matmuls run in bf16 (fp32 weights and optimizer kept). Only these layers:
         # whole-model autocast would also run layer norms and softmax in fp32.
         for module in model.modules():
@@ -130,11 +139,21 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
     return model
 
 
+def skip_what_the_model_lacks(on, config) -> None:
+    """The techniques that fit GPT-Neo's architecture alone, or an odd vocabulary, are skipped for other models."""
+    if config.model_type != "gpt_neo":
+        on.skip("fast_gelu", f"GPT-Neo's GELU; {config.model_type} has its own activation")
+    if config.vocab_size % 64 == 0:
+        on.skip("pad_vocab", f"the vocabulary ({config.vocab_size:,}) is a multiple of 64 already")
+
+
 def checkpoint_blocks(model, layers=None, offload=False):
     """Recompute the first `layers` blocks (None: all) in backward; offload: their saved inputs (one hidden state per
     block) wait in pinned CPU memory, copied out in forward and back in backward on the compute stream."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
-    blocks = [m for m in model.modules() if m.__class__.__name__ == "GPTNeoBlock"]
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]  # every family's blocks
     for block in blocks[layers:] if layers is not None else []:
         block.gradient_checkpointing = False  # checkpoint only as many blocks as the memory needs
 
@@ -157,6 +176,7 @@ def main(argv=None):
         checkpoint_layers = getattr(args, "checkpoint_layers", None)
         if not on("packing"):  # padded rows keep each record to itself already
             on.skip("document_mask", "needs packing")
+        skip_what_the_model_lacks(on, run.config)
         model = load_model(run.weights, on, run.device, half, checkpoint_layers)
         if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
             train_set = packed_dataset(run.train_records, args.seq_len)

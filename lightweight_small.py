@@ -1,7 +1,8 @@
 """The same job as before_small.py made fast, without changing what is learned.
 
 Same model, corpus, tokens per optimizer step, learning-rate schedule, seed and held-out blocks. Each technique
-is one guarded block below; `--off NAME` switches one off (the ablation).
+is one guarded block below; `--off NAME` switches one off (the ablation). OPT-350m by default; `--model` takes any
+decoder-only causal LM (a full fine-tune of it).
 
     python lightweight_small.py --help
 """
@@ -32,7 +33,7 @@ TECHNIQUES = {
     "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
     "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
     "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
-    "compile": Technique(f"torch.compile of each decoder layer (compiled once, reused by all 24; evaluation runs "
+    "compile": Technique(f"torch.compile of each decoder layer (compiled once, reused by all of them; evaluation runs "
                          f"them uncompiled), in runs of at least {COMPILE_PAYS_FROM_STEPS} steps", cuda_only=True),
     "step_overlap": Technique("the next step's work queues while the GPU finishes this one: the Trainer's NaN/inf "
                               "filter of the logged loss, which reads every micro-batch's loss on the host, is off "
@@ -45,9 +46,12 @@ TECHNIQUES = {
     "gc_paused": Technique("Python's garbage collector paused from the start (the imports' collections too); in "
                            "training, setup's objects frozen and the new ones collected every 50 steps, between steps",
                            at_start=gc.disable),
-    # off by default: the benchmark's strongest peer
+    # off by default: the benchmark's strongest peers
     "trainer_compile": Technique("transformers' Trainer compiling the whole model (TrainingArguments torch_compile), "
                                  "the peer's choice", default=False, cuda_only=True),
+    "trainer_liger": Technique("transformers' Trainer patching the model with liger's kernels (TrainingArguments "
+                               "use_liger_kernel: its norms, MLP, rotary embedding and fused loss), for the families "
+                               "liger patches; the peer's choice", default=False, cuda_only=True),
 }
 # The strongest peer the benchmark compares with: transformers' Trainer with --bf16 --tf32 --optim adamw_torch_fused
 # --torch_compile, SDPA and run_clm's packing, as this script with its own techniques switched
@@ -67,7 +71,8 @@ def load_model(weights, on, device):
         attention = DOCUMENT_ATTENTION
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, use_cache=False,
                                                  attn_implementation=attention)
-    put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
+    if not on("trainer_liger"):  # the peer's liger computes its fused loss in the model's own (patched) forward
+        put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
     return model.to(device)
 
 
@@ -96,6 +101,10 @@ def main(argv=None):
         on, args = run.on, run.args
         if not on("packing"):  # padded rows keep each record to itself already
             on.skip("document_mask", "needs packing")
+        if on("trainer_liger"):
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+            if run.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                on.skip("trainer_liger", f"liger does not patch {run.config.model_type}")
         model = load_model(run.weights, on, run.device)
         optim = "adamw_torch_fused" if on("fused_adamw") else "adamw_torch"
         micro_batch = args.micro_batch
@@ -113,8 +122,9 @@ def main(argv=None):
         steps = run.steps_to_train(train_set, micro_batch)
         if on("compile") and steps < COMPILE_PAYS_FROM_STEPS:
             on.skip("compile", f"{steps} steps; it pays for itself from about {COMPILE_PAYS_FROM_STEPS}")
-        if on("compile"):  # each layer: one compilation serves all 24 (the whole decoder took longer than it saved)
-            for layer in model.model.decoder.layers:
+        if on("compile"):  # each layer: one compilation serves all (the whole decoder took longer than it saved)
+            from transformers.modeling_layers import GradientCheckpointingLayer  # every family's decoder layer
+            for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
                 layer.compile()
             # under DDP, keep each layer one graph: dynamo would split it at DDP's 25 MB gradient buckets, losing
             # fusions (2 GPUs: split, +16% memory per GPU and 1.78x the tokens/s of one; unsplit, +0% and 1.85x)
@@ -125,7 +135,7 @@ def main(argv=None):
             learning_rate=args.lr, lr_scheduler_type="linear",
             bf16=on("bf16") and run.bf16_or_fp16 == torch.bfloat16,  # autocast; fp32 master weights
             fp16=on("bf16") and run.bf16_or_fp16 == torch.float16,
-            tf32=on("tf32"), optim=optim, torch_compile=on("trainer_compile"),
+            tf32=on("tf32"), optim=optim, torch_compile=on("trainer_compile"), use_liger_kernel=on("trainer_liger"),
             logging_steps=args.logging_steps, prediction_loss_only=True,
             logging_nan_inf_filter=not on("step_overlap"),  # the filter waited for each micro-batch's loss
             eval_strategy="steps", eval_steps=args.eval_every or math.ceil(steps / 4),  # --eval-every 0: four times
