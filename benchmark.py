@@ -7,6 +7,8 @@ library versions, commit, the command) into results/<file>.json, then results/<f
     python benchmark.py --only big            # the big model's rows, its QLoRA peers            -> benchmark.json
     python benchmark.py --only ablation_small,ablation_big,ablation_budget   # one technique off  -> ablations.json
     python benchmark.py --only packing        # document_mask and run_clm's packing, both scripts    -> packing.json
+    python benchmark.py --only models_small   # Qwen2.5-0.5B through lightweight_small, its peers  -> models.json
+    python benchmark.py --only models_big     # Qwen2.5-1.5B through lightweight_big, its peers    -> models.json
     python benchmark.py --only job            # each default job, wall clock (benchmark_jobs.py) -> jobs.json
     python benchmark.py --only scale          # 1 and 2 processes; needs 2 GPUs (benchmark_scale.py) -> scale.json
     python benchmark.py --report              # the .md files and the plots from the JSON files
@@ -35,6 +37,13 @@ SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tok
 # lightweight_small compiles only runs of COMPILE_PAYS_FROM_STEPS or more: its rows are that long
 SMALL = ["--max-steps", str(lightweight_small.COMPILE_PAYS_FROM_STEPS), "--logging-steps", "5"]
 BIG = ["--max-steps", "12"]
+SMALL_MODEL, BIG_MODEL = "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B"  # current models of the recipes' sizes (configs/)
+# qlora.py on a model other than GPT-Neo: transformers' default attention there is SDPA, not eager
+REFERENCE_QLORA_SDPA = [a for i, a in enumerate(lightweight_big.REFERENCE_QLORA)
+                        if "sdpa" not in lightweight_big.REFERENCE_QLORA[i:i + 2]]
+QLORA_PY_DEFAULTS_SDPA = [*REFERENCE_QLORA_SDPA, *lightweight_big.QLORA_PY_DEFAULTS[len(lightweight_big.REFERENCE_QLORA):]]
+# the strongest peer with liger's kernels in place of compiling
+PEER_LIGER = ["trainer_liger" if a == "trainer_compile" else a for a in lightweight_small.STRONGEST_PEER]
 
 
 def row(name, script, *argv):
@@ -87,17 +96,49 @@ GROUPS = {
         row("lightweight_small-cross_document", "lightweight_small", *SMALL, "--off", "document_mask"),
         row("lightweight_big", "lightweight_big", *BIG),
         row("lightweight_big-cross_document", "lightweight_big", *BIG, "--off", "document_mask"),
+        # the default job, one epoch: the held-out loss of the padded baseline and of packing, with and without
+        # documents kept apart
+        row("before_small-epoch", "before_small"),
+        row("lightweight_small-epoch", "lightweight_small"),
+        row("lightweight_small-cross_document-epoch", "lightweight_small", "--off", "document_mask"),
+    ],
+    # a current model through each recipe, beside its plain baseline and the peers a user would run instead: the
+    # Trainer with torch_compile, or with liger's kernels (the two together failed to compile on Qwen2.5-0.5B)
+    "models_small": [
+        row("qwen0.5b-lightweight_small", "lightweight_small", *SMALL, "--model", SMALL_MODEL),
+        row("qwen0.5b-peer-trainer_compile", "lightweight_small", *SMALL, "--model", SMALL_MODEL,
+            *lightweight_small.STRONGEST_PEER, "--micro-batch", "16"),
+        row("qwen0.5b-peer-trainer_liger", "lightweight_small", *SMALL, "--model", SMALL_MODEL, *PEER_LIGER,
+            "--micro-batch", "16"),
+        row("qwen0.5b-lightweight_small-16gib", "lightweight_small", *SMALL, "--model", SMALL_MODEL,
+            "--gpu-memory-gib", "16"),
+        row("qwen0.5b-before_small", "before_small", "--max-steps", "6", "--logging-steps", "2", "--model", SMALL_MODEL),
+    ],
+    "models_big": [
+        row("qwen1.5b-lightweight_big", "lightweight_big", *BIG, "--model", BIG_MODEL),
+        row("qwen1.5b-lightweight_big-8gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "8"),
+        row("qwen1.5b-lightweight_big-4gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "4"),
+        row("qwen1.5b-reference_qlora", "lightweight_big", *BIG, "--model", BIG_MODEL, *REFERENCE_QLORA_SDPA),
+        row("qwen1.5b-qlora_py_defaults", "lightweight_big", "--max-steps", "6", "--model", BIG_MODEL,
+            *QLORA_PY_DEFAULTS_SDPA),
+        row("qwen1.5b-before_big", "before_big", "--max-steps", "4", "--model", BIG_MODEL),
+        row("qwen1.5b-before_big-16gib", "before_big", "--max-steps", "2", "--model", BIG_MODEL, "--gpu-memory-gib", "16"),
     ],
     "job": [dict(name=f"job-{script}", script=script, job=True) for script in benchmark_jobs.SCRIPTS],
     "scale": benchmark_scale.scale_rows(),
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
-         "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing"}
+         "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing",
+         "models_small": "models", "models_big": "models"}
 # README's ratios, each between two rows of one file's group (one command): (the row, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),
           ("lightweight_small-16gib", "peer-trainer_compile-16gib"), ("lightweight_big", "reference_qlora"),
           ("lightweight_big", "qlora_py_defaults"), ("lightweight_big-4gib", "reference_qlora"),
-          ("lightweight_small", "lightweight_small-cross_document"), ("lightweight_big", "lightweight_big-cross_document")]
+          ("lightweight_small", "lightweight_small-cross_document"), ("lightweight_big", "lightweight_big-cross_document"),
+          ("qwen0.5b-lightweight_small", "qwen0.5b-peer-trainer_compile"),
+          ("qwen0.5b-lightweight_small", "qwen0.5b-peer-trainer_liger"),
+          ("qwen0.5b-lightweight_small", "qwen0.5b-before_small"),
+          ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora"), ("qwen1.5b-lightweight_big", "qwen1.5b-qlora_py_defaults")]
 
 
 def read_curves(output_dir: Path) -> dict:
