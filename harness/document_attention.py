@@ -5,14 +5,15 @@ Flex, not variable-length attention, for both models: measured on an H200 (atten
 bf16, 16 x 1024 tokens, documents of about 250; torch 2.11, by a one-off script not kept), OPT's head_dim 64:
 causal without documents 0.60 ms, a dense document mask 1.17 ms, flex 0.77 ms, varlen 1.02 ms; head_dim 128 (GPT-Neo's
 global layers): 0.92, 1.95, 1.02, 1.65 ms; GPT-Neo's local layers, today's dense window mask 1.95 ms, flex with the
-window inside the document 0.99 ms, varlen 1.54 ms. Varlen also runs on CUDA in fp16/bf16 only. Building a block mask
-costs 3-4.6 ms of host time per batch (once a forward, before the layers). Flex has no backward on the CPU, so there
-the same masks are dense B x 1 x T x T booleans for SDPA: the tests' path.
+window inside the document 0.99 ms, varlen 1.54 ms. Varlen also runs on CUDA in fp16/bf16 only. Flex has no backward
+on the CPU, so there the same masks are dense B x 1 x T x T booleans for SDPA: the tests' path.
 
-The masks come from transformers' own create_causal_mask, which finds packed documents from position ids, through two
-public hooks: the attention function DOCUMENT_ATTENTION (AttentionInterface) and its mask function
-(ALL_MASK_ATTENTION_FUNCTIONS). Calls without documents (padding, the micro-batch probe without position ids) take
-transformers' SDPA path unchanged.
+The masks are made once a forward, before the decoder (harness/loss.py), from the position ids alone, by a few tensor
+ops on their device: nothing is read back to the host, so the CPU keeps queueing work while the GPU runs. Transformers'
+own path (create_causal_mask finding packed documents, then create_block_mask) cost 3-4.6 ms of host time a forward
+and a GPU->host synchronization (find_packed_sequence_indices' `.all()`). The decoder's create_causal_mask passes a
+ready 4-D mask or BlockMask on unchanged. Calls without documents (padding, the micro-batch probe without position
+ids), and models this module leaves to transformers, take transformers' SDPA masks.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function,
-                                        create_causal_mask, flex_attention_mask, sdpa_mask, sliding_window_overlay)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, sdpa_mask
 
-DOCUMENT_ATTENTION = "sdpa_documents"  # the attn_implementation name of this module's attention and masks
+DOCUMENT_ATTENTION = "sdpa_documents"  # the attn_implementation name of this module's attention
 TRIAL_DOCUMENT = 256  # the micro-batch probe's trial rows hold documents of this many tokens
 FLEX_DEVICES = {"cuda"}  # where the masks are flex block masks: flex has no backward on the CPU
+BLOCK = 128  # flex's block size (create_block_mask's default) in tokens, for queries and keys alike
 
 
 def flex_or_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -38,43 +39,93 @@ def flex_or_sdpa(module, query, key, value, attention_mask, **kwargs):
     return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def document_masks(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
-                   attention_mask=None, device="cpu", config=None, **kwargs):
-    """create_causal_mask's mask for DOCUMENT_ATTENTION. Without documents, SDPA's (None: causal, or padding). With
-    them (mask_function is then causal AND same document): a flex BlockMask on CUDA, a dense boolean elsewhere; for
-    a model with local layers (GPT-Neo) a dict of both kinds, {"global": ..., "local": ...}, the local one also within
-    `config.window_size` tokens (harness/gpt_neo_sdpa.py picks its layer's)."""
-    sizes = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                 kv_offset=kv_offset, attention_mask=attention_mask, device=device)
-    if mask_function is causal_mask_function:
-        return sdpa_mask(mask_function=mask_function, **sizes, **kwargs)
-    if torch.device(device).type in FLEX_DEVICES:
-        def build(mask):
-            return flex_attention_mask(mask_function=mask, **sizes)
-    else:
-        def build(mask):
-            return sdpa_mask(mask_function=mask, **sizes, **dict(kwargs, allow_is_causal_skip=False))
-    if "local" not in getattr(config, "attention_layers", ()):
-        return build(mask_function)
-    return {"global": build(mask_function),
-            "local": build(and_masks(mask_function, sliding_window_overlay(config.window_size)))}
-
-
 AttentionInterface.register(DOCUMENT_ATTENTION, flex_or_sdpa)
-ALL_MASK_ATTENTION_FUNCTIONS.register(DOCUMENT_ATTENTION, document_masks)
+ALL_MASK_ATTENTION_FUNCTIONS.register(DOCUMENT_ATTENTION, sdpa_mask)  # the masks transformers still makes
+
+
+def attends(documents, window: int | None = None):
+    """The mask_mod of packed documents (`documents`: B x T document ids): causal, the same document, and within
+    `window` tokens if given. Also takes broadcasting index tensors (dense_mask)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = (kv_idx <= q_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+        return allowed if window is None else allowed & (q_idx - kv_idx < window)
+    return mask_mod
+
+
+def dense_mask(documents, window: int | None = None):
+    """B x 1 x T x T booleans (True: attend) for SDPA: `attends` at every query and key."""
+    batch, length = documents.shape
+    tokens = torch.arange(length, device=documents.device)
+    rows = torch.arange(batch, device=documents.device)[:, None, None, None]
+    return attends(documents, window)(rows, None, tokens[:, None], tokens)
+
+
+def ordered(blocks):
+    """(count, indices) of the listed blocks in each row of a B x 1 x N x N boolean layout, in create_block_mask's
+    order (its _dense_to_ordered): the listed blocks first, ascending, then the others, ascending."""
+    blocks = blocks.to(torch.int32, memory_format=torch.contiguous_format)
+    return blocks.sum(-1, dtype=torch.int32), blocks.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+
+
+def block_mask(documents, window: int | None = None) -> BlockMask:
+    """The BlockMask create_block_mask makes from `attends(documents, window)`, from bounds per BLOCK-token block.
+
+    Document ids rise along a row, so a block's documents run from its first token's to its last's. A key block
+    before a query block is reached iff its last token and the query block's first share a document (and lie within
+    the window); it is full iff its first token and the query block's last do (and lie within the window), the query
+    block is not cut short by the end of the row (flex's padding attends nowhere), and the key block ends before it.
+    The block on the diagonal is always reached (a token sees itself) and never full."""
+    batch, length = documents.shape
+    starts = torch.arange(0, length, BLOCK, device=documents.device)
+    first, last = documents[:, starts], documents[:, (starts + BLOCK - 1).clamp(max=length - 1)]  # B x N
+    q, kv = starts[:, None], starts  # N x 1 query blocks, N key blocks: their first tokens
+    before = kv < q
+    reached = (kv == q) | (before & (first[:, :, None] == last[:, None, :]))
+    full = before & (q + BLOCK <= length) & (last[:, :, None] == first[:, None, :])
+    if window is not None:
+        reached = reached & (q - (kv + BLOCK - 1) < window)
+        full = full & (q + BLOCK - 1 - kv < window)
+    partial, full = (reached & ~full)[:, None], full[:, None]  # B x 1 x N x N: query blocks x key blocks
+    # Both ways round from the layouts: BlockMask.from_kv_blocks would find the query-block lists from the key-block
+    # ones through torch.vmap, 0.5-0.7 ms of host time where this whole function takes 0.15 (32 x 1024 tokens, CPU).
+    return BlockMask((length, length), *ordered(partial), *ordered(full), *ordered(partial.mT), *ordered(full.mT),
+                     BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=attends(documents, window))
+
+
+def made_here(config) -> bool:
+    """Whether this module makes the masks of a model under DOCUMENT_ATTENTION: OPT, GPT-Neo (harness/gpt_neo_sdpa.py)
+    and decoders whose every layer is plain causal (Llama, Qwen2 without its window, ...). Models with sliding-window
+    or chunked layers (Mistral, Gemma2/3, ...) are left to transformers' path, which is correct there but reads packed
+    documents back to the host: their per-layer masks are not built here."""
+    return config.model_type in ("opt", "gpt_neo") or (
+        set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+        and getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None)
 
 
 def document_mask(body, position_ids, attention_mask=None):
     """The attention mask to give `body` (a transformers decoder) for packed documents numbered by `position_ids`.
 
-    GPT-Neo hands position ids to create_causal_mask itself, and gets the document mask there: `attention_mask` is
-    returned as it is. OPT's decoder does not (modeling_opt.py calls create_causal_mask without them), so its mask is
-    made here, once a forward and outside any compiled layer, in the form its attention takes (a block mask, a dense
-    boolean for SDPA, an additive one for eager attention); the decoder passes it on unchanged."""
-    if body.config.model_type != "opt":
-        return attention_mask
+    Under DOCUMENT_ATTENTION (made_here): made here, from `position_ids` alone (document ids: a running count of the
+    zeros), without reading anything back to the host: a flex BlockMask on CUDA, dense booleans elsewhere. GPT-Neo's
+    local layers take a BlockMask within `config.window_size` tokens, carried by the global one as `.local` (a dict
+    would not pass create_causal_mask); on dense masks they add their window themselves (harness/gpt_neo_sdpa.py).
+    Otherwise transformers makes the mask from the position ids: OPT's here (modeling_opt.py calls
+    create_causal_mask without them), and in the form its attention takes; others' in the decoder (None returned)."""
+    if attention_mask is not None:
+        raise ValueError("packed documents (position_ids) come without a padding attention_mask")
+    config = body.config
+    if config._attn_implementation == DOCUMENT_ATTENTION and made_here(config):
+        documents = (position_ids == 0).cumsum(-1)
+        if position_ids.device.type not in FLEX_DEVICES:
+            return dense_mask(documents)
+        mask = block_mask(documents)
+        if "local" in getattr(config, "attention_layers", ()):  # GPT-Neo
+            mask.local = block_mask(documents, config.window_size)
+        return mask
+    if config.model_type != "opt":
+        return None
     shape_only = torch.empty(*position_ids.shape, 0, dtype=body.dtype, device=position_ids.device)
-    return create_causal_mask(config=body.config, inputs_embeds=shape_only, attention_mask=attention_mask,
+    return create_causal_mask(config=body.config, inputs_embeds=shape_only, attention_mask=None,
                               past_key_values=None, position_ids=position_ids)
 
 

@@ -36,14 +36,15 @@ class GPTNeoSDPAttention(torch.nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         dropout = self.attn_dropout.p if self.training else 0.0
-        if isinstance(attention_mask, dict):  # packed documents (harness/document_attention.py): this layer's mask,
-            attention_mask = attention_mask[self.attention_type]  # on local layers within the window already
-        if isinstance(attention_mask, BlockMask):  # FlexAttention; a dense document mask takes the SDPA path below
+        if isinstance(attention_mask, BlockMask):  # packed documents on flex (harness/document_attention.py); on
+            if self.attention_type == "local":  # local layers, the block mask within the window that it carries
+                attention_mask = attention_mask.local
             return self.resid_dropout(self.out_proj(self.flex(q, k, v, attention_mask, dropout))), None
         mask = None  # None: plain causal attention (is_causal below)
         if self.attention_type == "local" or attention_mask is not None:
             mask = self.bias[:, :, :length, :length]  # True: attend
-        if attention_mask is not None:  # padding: an SDPA-style boolean mask, or eager's additive one (0 keep)
+        if attention_mask is not None:  # padding or packed documents: an SDPA-style boolean mask, or eager's additive
+            # one (0 keep); on local layers the window comes from `bias`
             mask = mask & (attention_mask >= 0 if attention_mask.dtype != torch.bool else attention_mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                              is_causal=mask is None, scale=1.0)

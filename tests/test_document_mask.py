@@ -1,8 +1,10 @@
 """document_mask: a packed block computes for each record what the padded baseline computes for it alone (its own row,
-positions from 0, attention to itself only), losses and gradients, fp32 on the CPU; run_clm's packing does not."""
+positions from 0, attention to itself only), losses and gradients, fp32 on the CPU; run_clm's packing does not. The
+block masks equal torch's create_block_mask's, and are made without reading anything back from the device."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
 import lightweight_big
 import lightweight_small
@@ -90,27 +92,57 @@ def opt(cache_dir):
     return model.eval()  # no dropout: the same function every call
 
 
+def tiny_decoder(config_class, **extra):
+    """A generic transformers decoder of 2 layers (hidden 64, 4 heads, 2 key-value heads), fp32, weights drawn at
+    0.2 (attention far from uniform), under DOCUMENT_ATTENTION."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, use_cache=False, **extra)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=document_attention.DOCUMENT_ATTENTION).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig
+
+    return tiny_decoder(LlamaConfig)
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    """Sliding-window layers (16 tokens, shorter than two of the records): left to transformers' own masks."""
+    from transformers import MistralConfig
+
+    return tiny_decoder(MistralConfig, sliding_window=16)
+
+
 def batch(vocab_size, rows=LENGTHS, seed=0):
     ids = torch.randint(1, vocab_size, (len(rows), sum(rows[0])), generator=torch.Generator().manual_seed(seed))
     return ids, torch.stack([positions(row) for row in rows])
 
 
-def test_opt_packed_documents_compute_what_each_record_alone_computes(opt):
-    ids, pos = batch(opt.config.vocab_size)
-    reference = alone(opt, ids, LENGTHS)
-    packed = within(per_token_losses(opt, ids, pos), LENGTHS)
+@pytest.mark.parametrize("architecture", ["opt", "llama", "mistral"])
+def test_packed_documents_compute_what_each_record_alone_computes(architecture, request):
+    model = request.getfixturevalue(architecture)
+    ids, pos = batch(model.config.vocab_size)
+    reference = alone(model, ids, LENGTHS)
+    packed = within(per_token_losses(model, ids, pos), LENGTHS)
     assert largest_difference(packed, reference) < TOLERANCE
-    expected, got = gradients(opt, reference), gradients(opt, packed)
+    expected, got = gradients(model, reference), gradients(model, packed)
     assert expected.keys() == got.keys()
     scale = max(g.abs().max().item() for g in expected.values())
     assert max((got[n] - expected[n]).abs().max().item() for n in expected) < TOLERANCE * scale
 
 
-def test_opt_run_clm_packing_does_not(opt):
-    ids, pos = batch(opt.config.vocab_size)
+@pytest.mark.parametrize("architecture", ["opt", "llama", "mistral"])
+def test_run_clm_packing_does_not(architecture, request):
+    model = request.getfixturevalue(architecture)
+    ids, pos = batch(model.config.vocab_size)
     with torch.no_grad():
-        across = within(per_token_losses(opt, ids), LENGTHS)  # no position ids: today's packing
-        assert largest_difference(across, alone(opt, ids, LENGTHS)) > 100 * TOLERANCE
+        across = within(per_token_losses(model, ids), LENGTHS)  # no position ids: today's packing
+        assert largest_difference(across, alone(model, ids, LENGTHS)) > 100 * TOLERANCE
 
 
 def test_a_record_is_unchanged_by_the_record_packed_before_it(opt):
@@ -138,16 +170,68 @@ def test_gpt_neo_local_window_stays_inside_a_document_longer_than_it():
         assert largest_difference(within(per_token_losses(eager, ids), LENGTHS), reference) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("architecture", ["opt", "gpt_neo"])
-def test_flex_block_masks_compute_the_same_forward(architecture, opt, monkeypatch):
+@pytest.mark.parametrize("architecture", ["opt", "gpt_neo", "llama"])
+def test_flex_block_masks_compute_the_same_forward(architecture, request, monkeypatch):
     """The CUDA path's block masks (flex's forward runs on the CPU too, compiled; its backward does not)."""
-    model = opt if architecture == "opt" else tiny_gpt_neo()[0]
+    model = tiny_gpt_neo()[0] if architecture == "gpt_neo" else request.getfixturevalue(architecture)
     ids, pos = batch(model.config.vocab_size)
     with torch.no_grad():
         dense = per_token_losses(model, ids, pos)
         monkeypatch.setattr(document_attention, "FLEX_DEVICES", {"cuda", "cpu"})
         flex = per_token_losses(model, ids, pos)
     assert (flex - dense).abs().max() < TOLERANCE
+
+
+def random_documents(rows: int, length: int, seed: int):
+    """rows x length document ids (document_attention's: a running count of position 0) of random layouts: records of
+    1 to 600 tokens, short ones as often as long ones, so that blocks hold one document, several, or part of one."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rows):
+        sizes = []
+        while sum(sizes) < length:
+            longest = 20 if torch.rand((), generator=generator) < 0.5 else 600
+            sizes.append(int(torch.randint(1, longest + 1, (), generator=generator)))
+        out.append(positions(sizes)[:length])
+    return (torch.stack(out) == 0).cumsum(-1)
+
+
+@pytest.mark.parametrize("window", [None, 16, 200, 256])
+@pytest.mark.parametrize("length", [1024, 333, 64])
+def test_block_masks_are_those_create_block_mask_makes(length, window):
+    """Every tensor of the BlockMask (key blocks and query blocks, partial and full, in the same order) equals what
+    torch's create_block_mask makes from the same mask_mod, a row's length a multiple of the block size or not; and
+    that mask_mod is the dense masks' function."""
+    documents = random_documents(4, length, seed=length + (window or 0))
+    documents[0] = 0  # a row of one document: full blocks below the diagonal
+    ours = document_attention.block_mask(documents, window)
+    theirs = create_block_mask(ours.mask_mod, len(documents), 1, length, length, device="cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert (ours.seq_lengths, ours.BLOCK_SIZE) == (theirs.seq_lengths, theirs.BLOCK_SIZE)
+    assert torch.equal(create_mask(ours.mask_mod, len(documents), 1, length, length, device="cpu"),
+                       document_attention.dense_mask(documents, window))
+
+
+def test_masks_are_made_without_reading_the_device(opt, llama, monkeypatch):
+    """On the meta device a tensor holds no data, so whatever reads one back to the host (.item(), bool(), .tolist(),
+    nonzero: a synchronization on a GPU) raises there. The masks are made there, block masks and dense ones;
+    transformers' detection of packed documents is not."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    pos = torch.stack([positions([200, 700, 124]), positions([1024])]).to("meta")
+    gpt_neo = tiny_gpt_neo()[0]
+    for flex in ({"meta"}, set()):
+        monkeypatch.setattr(document_attention, "FLEX_DEVICES", flex)
+        for model in opt, llama, gpt_neo:
+            body, _ = causal_lm_parts(model)
+            mask = document_attention.document_mask(body, pos)
+            assert isinstance(mask, BlockMask if flex else torch.Tensor) and mask.shape == (2, 1, 1024, 1024)
+        if flex:
+            assert mask.local.kv_indices.device.type == "meta"  # GPT-Neo's local layers'
+    with pytest.raises(RuntimeError, match="meta"):
+        find_packed_sequence_indices(pos)
 
 
 @pytest.mark.parametrize("script", ["lightweight_small", "lightweight_big"])
