@@ -7,6 +7,7 @@ library versions, commit, the command) into results/<file>.json, then results/<f
     python benchmark.py --only big            # the big model's rows, its QLoRA peers            -> benchmark.json
     python benchmark.py --only ablation_small,ablation_big,ablation_budget   # one technique off  -> ablations.json
     python benchmark.py --only packing        # document_mask and run_clm's packing, both scripts    -> packing.json
+    python benchmark.py --only packing_epoch  # the small pair's default job: held-out losses          -> packing.json
     python benchmark.py --only models_small   # Qwen2.5-0.5B through lightweight_small, its peers  -> models.json
     python benchmark.py --only models_big     # Qwen2.5-1.5B through lightweight_big, its peers    -> models.json
     python benchmark.py --only job            # each default job, wall clock (benchmark_jobs.py) -> jobs.json
@@ -96,8 +97,10 @@ GROUPS = {
         row("lightweight_small-cross_document", "lightweight_small", *SMALL, "--off", "document_mask"),
         row("lightweight_big", "lightweight_big", *BIG),
         row("lightweight_big-cross_document", "lightweight_big", *BIG, "--off", "document_mask"),
-        # the default job, one epoch: the held-out loss of the padded baseline and of packing, with and without
-        # documents kept apart
+    ],
+    # the default job, one epoch: the held-out loss of the padded baseline and of packing, with and without documents
+    # kept apart
+    "packing_epoch": [
         row("before_small-epoch", "before_small"),
         row("lightweight_small-epoch", "lightweight_small"),
         row("lightweight_small-cross_document-epoch", "lightweight_small", "--off", "document_mask"),
@@ -128,7 +131,7 @@ GROUPS = {
     "scale": benchmark_scale.scale_rows(),
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
-         "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing",
+         "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing", "packing_epoch": "packing",
          "models_small": "models", "models_big": "models"}
 # README's ratios, each between two rows of one file's group (one command): (the row, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),

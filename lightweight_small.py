@@ -28,8 +28,8 @@ TECHNIQUES = {
     "tf32": Technique("TF32 tensor cores for the matmuls left in fp32", cuda_only=True),
     "packing": Technique("corpus cut into full blocks, no pad tokens; off: one record per row, padded"),
     "document_mask": Technique("packed records attend only to themselves, their positions restart at 0: what the "
-                               "padded baseline learns (FlexAttention block masks); off: run_clm's attention across "
-                               "records"),
+                               "padded baseline learns (FlexAttention block masks where the layers are compiled, "
+                               "else dense masks); off: run_clm's attention across records"),
     "sdpa": Technique("fused scaled-dot-product attention kernels; off: eager attention"),
     "fused_adamw": Technique("one optimizer kernel for all parameters; off: for-each AdamW"),
     "fused_ce": Technique("liger fused linear cross-entropy: no 32 x 1024 x 50k logits tensor", cuda_only=True),
@@ -63,12 +63,13 @@ def load_model(weights, on, device):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.document_attention import DOCUMENT_ATTENTION
+    from harness.document_attention import DENSE_DOCUMENT_ATTENTION, DOCUMENT_ATTENTION
     from harness.loss import put_loss_in_forward
 
     attention = "sdpa" if on("sdpa") else "eager"  # eager: packed documents through a dense additive mask
-    if on("document_mask") and on("sdpa"):  # SDPA, and FlexAttention where a batch holds packed documents
-        attention = DOCUMENT_ATTENTION
+    if on("document_mask") and on("sdpa"):  # SDPA, and for packed documents FlexAttention inside the compiled
+        # layers; uncompiled, dense masks: flex's kernels would compile at the first step
+        attention = DOCUMENT_ATTENTION if on("compile") else DENSE_DOCUMENT_ATTENTION
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, use_cache=False,
                                                  attn_implementation=attention)
     if not on("trainer_liger"):  # the peer's liger computes its fused loss in the model's own (patched) forward
@@ -105,6 +106,16 @@ def main(argv=None):
             from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
             if run.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
                 on.skip("trainer_liger", f"liger does not patch {run.config.model_type}")
+        if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
+            train_set = packed_dataset(run.train_records, args.seq_len)
+            if not on("document_mask"):  # without position ids: positions 0-1023, attention across records
+                train_set = train_set.remove_columns("position_ids")
+        else:
+            train_set = padded_dataset(run.train_records, args.seq_len, run.tokenizer.pad_token_id)
+        # as many at any micro-batch the probe halves to (packed rows: the same rows per step; padded: to a step)
+        steps = run.steps_to_train(train_set, args.micro_batch)
+        if on("compile") and steps < COMPILE_PAYS_FROM_STEPS:
+            on.skip("compile", f"{steps} steps; it pays for itself from about {COMPILE_PAYS_FROM_STEPS}")
         model = load_model(run.weights, on, run.device)
         optim = "adamw_torch_fused" if on("fused_adamw") else "adamw_torch"
         micro_batch = args.micro_batch
@@ -113,15 +124,6 @@ def main(argv=None):
             micro_batch = run.largest_micro_batch(model, optim, autocast=on("bf16"), leaner=recompute)
         if on("checkpoint_to_fit") and run.leaner_unused:  # the record says it was not used, and why
             on.skip("checkpoint_to_fit", run.leaner_unused)
-        if on("packing"):  # run_clm's group_texts: concatenate the records, cut full blocks
-            train_set = packed_dataset(run.train_records, args.seq_len)
-            if not on("document_mask"):  # without position ids: positions 0-1023, attention across records
-                train_set = train_set.remove_columns("position_ids")
-        else:
-            train_set = padded_dataset(run.train_records, args.seq_len, run.tokenizer.pad_token_id)
-        steps = run.steps_to_train(train_set, micro_batch)
-        if on("compile") and steps < COMPILE_PAYS_FROM_STEPS:
-            on.skip("compile", f"{steps} steps; it pays for itself from about {COMPILE_PAYS_FROM_STEPS}")
         if on("compile"):  # each layer: one compilation serves all (the whole decoder took longer than it saved)
             from transformers.modeling_layers import GradientCheckpointingLayer  # every family's decoder layer
             for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:

@@ -25,6 +25,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, sdpa_mask
 
 DOCUMENT_ATTENTION = "sdpa_documents"  # the attn_implementation name of this module's attention
+# The same attention through dense masks on CUDA too, for a run too short to repay compiling flex's kernels at its
+# first step (lightweight_small's default job, 10 steps: 19.1 s of training with flex, 2.5 s across records, row
+# lightweight_small-epoch, commit ec610e7), where SDPA's kernel for an arbitrary mask needs no compiling
+DENSE_DOCUMENT_ATTENTION = "sdpa_documents_dense"
 TRIAL_DOCUMENT = 256  # the micro-batch probe's trial rows hold documents of this many tokens
 FLEX_DEVICES = {"cuda"}  # where the masks are flex block masks: flex has no backward on the CPU
 BLOCK = 128  # flex's block size (create_block_mask's default) in tokens, for queries and keys alike
@@ -39,8 +43,9 @@ def flex_or_sdpa(module, query, key, value, attention_mask, **kwargs):
     return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(DOCUMENT_ATTENTION, flex_or_sdpa)
-ALL_MASK_ATTENTION_FUNCTIONS.register(DOCUMENT_ATTENTION, sdpa_mask)  # the masks transformers still makes
+for _name in (DOCUMENT_ATTENTION, DENSE_DOCUMENT_ATTENTION):
+    AttentionInterface.register(_name, flex_or_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_name, sdpa_mask)  # the masks transformers still makes
 
 
 def attends(documents, window: int | None = None):
@@ -114,9 +119,9 @@ def document_mask(body, position_ids, attention_mask=None):
     if attention_mask is not None:
         raise ValueError("packed documents (position_ids) come without a padding attention_mask")
     config = body.config
-    if config._attn_implementation == DOCUMENT_ATTENTION and made_here(config):
+    if config._attn_implementation in (DOCUMENT_ATTENTION, DENSE_DOCUMENT_ATTENTION) and made_here(config):
         documents = (position_ids == 0).cumsum(-1)
-        if position_ids.device.type not in FLEX_DEVICES:
+        if position_ids.device.type not in FLEX_DEVICES or config._attn_implementation == DENSE_DOCUMENT_ATTENTION:
             return dense_mask(documents)
         mask = block_mask(documents)
         if "local" in getattr(config, "attention_layers", ()):  # GPT-Neo
@@ -132,6 +137,6 @@ def document_mask(body, position_ids, attention_mask=None):
 def trial_position_ids(rows: int, seq_len: int, model, device):
     """Position ids for the micro-batch probe's trial (documents of TRIAL_DOCUMENT tokens), where `model` trains on
     packed documents through DOCUMENT_ATTENTION, so that the trial runs the same kernels; None otherwise."""
-    if model.config._attn_implementation != DOCUMENT_ATTENTION:
+    if model.config._attn_implementation not in (DOCUMENT_ATTENTION, DENSE_DOCUMENT_ATTENTION):
         return None
     return (torch.arange(seq_len, device=device) % TRIAL_DOCUMENT).expand(rows, seq_len)

@@ -83,7 +83,8 @@ def tiny_gpt_neo():
 @pytest.fixture(scope="module")
 def opt(cache_dir):
     model, _ = tiny_script_model(lightweight_small, cache_dir)
-    assert model.config._attn_implementation == document_attention.DOCUMENT_ATTENTION
+    # uncompiled (compile is CUDA only): dense masks; a compiled run takes DOCUMENT_ATTENTION's flex block masks
+    assert model.config._attn_implementation == document_attention.DENSE_DOCUMENT_ATTENTION
     torch.manual_seed(0)
     with torch.no_grad():  # weights 10x the init's 0.02: attention far from uniform, so that what it sees shows
         for module in model.modules():
@@ -226,10 +227,15 @@ def test_masks_are_made_without_reading_the_device(opt, llama, monkeypatch):
         monkeypatch.setattr(document_attention, "FLEX_DEVICES", flex)
         for model in opt, llama, gpt_neo:
             body, _ = causal_lm_parts(model)
+            monkeypatch.setattr(body.config, "_attn_implementation", document_attention.DOCUMENT_ATTENTION)
             mask = document_attention.document_mask(body, pos)
             assert isinstance(mask, BlockMask if flex else torch.Tensor) and mask.shape == (2, 1, 1024, 1024)
         if flex:
             assert mask.local.kv_indices.device.type == "meta"  # GPT-Neo's local layers'
+    monkeypatch.setattr(document_attention, "FLEX_DEVICES", {"meta"})  # DENSE_DOCUMENT_ATTENTION: dense there too
+    body, _ = causal_lm_parts(opt)
+    monkeypatch.setattr(body.config, "_attn_implementation", document_attention.DENSE_DOCUMENT_ATTENTION)
+    assert isinstance(document_attention.document_mask(body, pos), torch.Tensor)
     with pytest.raises(RuntimeError, match="meta"):
         find_packed_sequence_indices(pos)
 
