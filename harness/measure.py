@@ -56,17 +56,27 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def flops_per_token(config, seq_len: int, frozen_base: bool) -> float:
-    """Training FLOPs per token: 6N (4N with a frozen base) + 12 L d T, N without position embeddings."""
-    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
-    d = config.hidden_size
-    n = config.vocab_size * getattr(config, "word_embed_proj_dim", d)  # embeddings (tied head counts once)
-    if config.model_type == "opt":
-        proj = d * config.word_embed_proj_dim * 2 if config.word_embed_proj_dim != d else 0
-        n += proj + layers * (4 * d * d + 2 * d * config.ffn_dim)
-    else:
-        n += layers * (4 * d * d + 2 * d * (config.intermediate_size or 4 * d))
-    return (4 if frozen_base else 6) * n + 12 * layers * d * seq_len
+def flops_per_token(model, config, seq_len: int, frozen_base: bool) -> float:
+    """Training FLOPs per token: 6N (4N with a frozen base: no weight gradients) + 12 L T (heads x head_dim).
+
+    N: the weights of every matmul a token passes through, read off the model: each nn.Linear (a bitsandbytes 4-bit
+    one too, by its unpacked shape) and transformers' Conv1D, the output layer included whether tied or not; not the
+    embedding lookup, nor LoRA's adapters (about 1% of N at rank 16). The second term is attention's scores and
+    weighted sum over T = seq_len positions, L = config.num_hidden_layers.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    adapters = {id(m) for layer in model.modules() for name in getattr(layer, "adapter_layer_names", ())
+                for m in getattr(layer, name).modules()}  # peft's tuner layers name their adapters' modules
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in adapters:
+            n += module.in_features * module.out_features
+        elif isinstance(module, Conv1D):  # GPT-2's projections: weight (in, out)
+            n += module.weight.shape[0] * module.weight.shape[1]
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (4 if frozen_base else 6) * n + 12 * config.num_hidden_layers * seq_len * heads * head_dim
 
 
 def versions() -> dict:

@@ -29,7 +29,7 @@ def measuring_trainer(model, training_args, train_set, eval_set, config, seq_len
         data_collator=functools.partial(common.causal_lm_collator, fill_to_rows=micro_batch)
         if one_batch_shape and processes == 1 else common.causal_lm_collator,
         callbacks=[wandb_callback()] if wandb_on else None,
-        flops_per_token=flops_per_token(config, seq_len, frozen_base=trainable < total),
+        flops_per_token=flops_per_token(model, config, seq_len, frozen_base=trainable < total),
         peak_tflops=peak_tflops, metrics_path=metrics_path, evaluate_eagerly=evaluate_eagerly)
 
 

@@ -220,8 +220,8 @@ def test_flops_per_token_counts_the_real_parameters(model_id):
             if "embed_positions" not in name and "wpe" not in name and "bias" not in name
             and "layer_norm" not in name and ".ln_" not in name and "final_layer_norm" not in name)
     layers, d = config.num_hidden_layers, config.hidden_size
-    assert measure.flops_per_token(config, 1024, frozen_base=False) == 6 * n + 12 * layers * d * 1024
-    assert measure.flops_per_token(config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024
+    assert measure.flops_per_token(model, config, 1024, frozen_base=False) == 6 * n + 12 * layers * d * 1024
+    assert measure.flops_per_token(model, config, 1024, frozen_base=True) == 4 * n + 12 * layers * d * 1024
 
 
 @pytest.mark.parametrize("model_id", ["facebook/opt-350m", "EleutherAI/gpt-neo-1.3B"])
