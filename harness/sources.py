@@ -54,10 +54,9 @@ def hub_reachable(model_id: str) -> tuple[bool, str]:
     import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-    from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model_id, local_files_only=True)
+        readable_config(model_id, local_files_only=True)
         return True, ""
     except OSError:
         pass
@@ -75,10 +74,58 @@ def hub_reachable(model_id: str) -> tuple[bool, str]:
     except (httpx.HTTPError, OSError) as e:  # no connection, a timeout, a proxy or server error
         return False, f"no answer from {endpoint or 'the hub'}: {e}"
     try:
-        AutoConfig.from_pretrained(model_id)
+        readable_config(model_id)
         return True, ""
     except OSError as e:  # transformers wraps the hub's errors in OSError (a gated model, say)
         return False, str(e).splitlines()[0]
+
+
+def readable_config(model: str, **kwargs):
+    """AutoConfig.from_pretrained(model); a model_type this transformers does not know is an InputError.
+
+    OSError (not found, not cached, a hub error) is left to the caller."""
+    import transformers
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, **kwargs)
+    except HFValidationError:  # a ValueError too: not a hub id, which the caller reports
+        raise OSError(f"{model} is not a hub id") from None
+    except (ValueError, KeyError) as e:  # transformers' answer to an unknown or missing model_type
+        local = Path(model) / "config.json"
+        kind = json.loads(local.read_text()).get("model_type") if local.exists() else None
+        why = (f"transformers {transformers.__version__} does not know its model_type {kind!r} (a newer one may; "
+               f"models with their own code, trust_remote_code, are not run)" if kind else
+               f"transformers cannot read its config ({str(e).splitlines()[0]})")
+        raise InputError(f"model {model}: {why}") from None
+
+
+def folder_config(folder: Path):
+    """The config of a local model folder; InputError where config.json cannot be read."""
+    try:
+        return readable_config(str(folder))
+    except OSError as e:  # config.json is not valid JSON, or not readable
+        raise InputError(f"model {folder}: config.json cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def refuse_untrainable(model: str, config) -> None:
+    """InputError for a model these scripts cannot train as a causal LM: an encoder-decoder (T5, BART), a model
+    type with no causal-LM class in transformers, or a bidirectional encoder (BERT, RoBERTa)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"model {model}: {kind} is an encoder-decoder model; these scripts train decoder-only "
+                         f"causal LMs")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"model {model}: transformers has no causal-LM class for model type {kind}")
+    # BERT and RoBERTa have a causal-LM class too (transformers maps them to both), but it attends both ways unless
+    # the config says is_decoder: a masked-LM family without it is an encoder, and would see the tokens it predicts
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise InputError(f"model {model}: {kind} is a bidirectional encoder (its config does not say is_decoder); "
+                         f"these scripts train decoder-only causal LMs")
 
 
 def random_init_checkpoint(config, seed: int, cache_dir: Path) -> Path:
@@ -128,40 +175,52 @@ class ModelSource:
 def resolve_model(model: str, init: str, architecture: str, corpus, cache_dir) -> ModelSource:
     """Where `model` (a hub id, folder or 'tiny') comes from; writes nothing but the (cached) corpus tokenizer.
 
-    `architecture` is the script's own model id: 'tiny' is a 2-layer version of it.
+    `architecture` is the script's own model id: 'tiny' is a 2-layer version of it. A model the scripts cannot train
+    is an InputError (refuse_untrainable).
     """
-    from transformers import AutoConfig
-
     cache = Path(cache_dir)
     if model == "tiny":
         tokenizer = corpus_tokenizer(corpus, 1024, cache)
         return ModelSource(tiny_config(architecture, len(tokenizer)), None, tokenizer, "random",
                            "tiny 2-layer model, random weights")
+    local = Path(model) / "config.json"
+    config = folder_config(local.parent) if local.exists() else None  # a folder's own, read before any hub request
     if init == "pretrained":
         ok, why = hub_reachable(model)
         if ok:
             from transformers import AutoTokenizer  # here: its first import takes seconds a refusal need not wait
 
+            config = config or readable_config(model)
+            refuse_untrainable(model, config)
             tokenizer = AutoTokenizer.from_pretrained(model)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            return ModelSource(AutoConfig.from_pretrained(model), model, tokenizer, "pretrained",
-                               "pretrained weights")
-        if not config_file(model).exists() and not (Path(model) / "config.json").exists():
+            return ModelSource(config, model, tokenizer, "pretrained", "pretrained weights")
+        if config is None and not config_file(model).exists():
             raise InputError(f"model {model}: not on the hub's reach and not cached ({why}); download it once "
                              f"where the hub is reachable, pass a local folder, or add its config.json to configs/ "
                              f"and use --init random")
+    if config is None and not config_file(model).exists():
+        raise InputError(f"--init random: configs/ has no architecture for {model} "
+                         f"(known: {', '.join(p.stem.replace('--', '/') for p in sorted(CONFIGS.glob('*.json')))})")
+    config = config or architecture_config(model)
+    refuse_untrainable(model, config)
+    if init == "pretrained":
         print(f"\n{'!' * 78}\n!! {model} is not reachable on the hub and not cached ({why}).\n"
               f"!! Falling back to --init random: the exact architecture with RANDOM weights.\n"
               f"!! Speed and memory are the real model's; the loss is NOT a pretrained model's.\n{'!' * 78}\n",
               file=sys.stderr)
-    local = Path(model) / "config.json"
-    if local.exists():
-        config = AutoConfig.from_pretrained(local.parent)
-    elif config_file(model).exists():
-        config = AutoConfig.for_model(**json.loads(config_file(model).read_text()))
-    else:
-        raise InputError(f"--init random: configs/ has no architecture for {model} "
-                         f"(known: {', '.join(p.stem.replace('--', '/') for p in sorted(CONFIGS.glob('*.json')))})")
     note = "random weights (hub unreachable: automatic fallback)" if init == "pretrained" else "random weights"
     return ModelSource(config, None, corpus_tokenizer(corpus, config.vocab_size, cache), "random", note)
+
+
+def architecture_config(model_id: str):
+    """The config kept in configs/ for `model_id`; InputError for a model_type this transformers does not know."""
+    from transformers import AutoConfig
+
+    fields = json.loads(config_file(model_id).read_text())
+    try:
+        return AutoConfig.for_model(**fields)
+    except (ValueError, KeyError):
+        raise InputError(f"{config_file(model_id)}: transformers does not know its model_type "
+                         f"{fields.get('model_type')!r}") from None
