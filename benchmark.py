@@ -9,7 +9,6 @@ library versions, commit, the command) into results/<file>.json, then results/<f
     python benchmark.py --only packing        # document_mask and run_clm's packing, both scripts    -> packing.json
     python benchmark.py --only packing_epoch  # the small pair's default job: held-out losses          -> packing.json
     python benchmark.py --only models_small   # Qwen2.5-0.5B through lightweight_small, its peers  -> models.json
-    python benchmark.py --only models_small_parts  # its document masks and fused loss, each switched off -> models.json
     python benchmark.py --only models_big     # Qwen2.5-1.5B through lightweight_big, its peers    -> models.json
     python benchmark.py --only job            # each default job, wall clock (benchmark_jobs.py) -> jobs.json
     python benchmark.py --only scale          # 1 and 2 processes; needs 2 GPUs (benchmark_scale.py) -> scale.json
@@ -118,13 +117,6 @@ GROUPS = {
             "--gpu-memory-gib", "16"),
         row("qwen0.5b-before_small", "before_small", "--max-steps", "6", "--logging-steps", "2", "--model", SMALL_MODEL),
     ],
-    # where the small recipe's time goes on Qwen2.5-0.5B: its two techniques the peer lacks, each switched off
-    "models_small_parts": [
-        row("qwen0.5b-lightweight_small-cross_document", "lightweight_small", *SMALL, "--model", SMALL_MODEL,
-            "--off", "document_mask"),
-        row("qwen0.5b-lightweight_small-no-fused_ce", "lightweight_small", *SMALL, "--model", SMALL_MODEL,
-            "--off", "fused_ce"),
-    ],
     "models_big": [
         row("qwen1.5b-lightweight_big", "lightweight_big", *BIG, "--model", BIG_MODEL),
         row("qwen1.5b-lightweight_big-8gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "8"),
@@ -140,7 +132,7 @@ GROUPS = {
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
          "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing", "packing_epoch": "packing",
-         "models_small": "models", "models_small_parts": "models", "models_big": "models"}
+         "models_small": "models", "models_big": "models"}
 # README's ratios, each between two rows of one file's group (one command): (the row, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),
           ("lightweight_small-16gib", "peer-trainer_compile-16gib"), ("lightweight_big", "reference_qlora"),
