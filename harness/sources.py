@@ -192,7 +192,12 @@ def resolve_model(model: str, init: str, architecture: str, corpus, cache_dir) -
 
             config = config or readable_config(model)
             refuse_untrainable(model, config)
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model)
+            except (OSError, ValueError) as e:  # a folder saved without its tokenizer (save_pretrained of a model)
+                why = ("the folder holds no tokenizer that transformers can load; save it there with "
+                       "tokenizer.save_pretrained(FOLDER)" if local.exists() else str(e).splitlines()[0].strip())
+                raise InputError(f"model {model}: its tokenizer cannot be loaded: {why}") from None
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             return ModelSource(config, model, tokenizer, "pretrained", "pretrained weights")

@@ -1,5 +1,6 @@
 """`--model FOLDER` with any decoder-only causal LM: tiny Llama, Qwen2 and Gemma folders train, evaluate, save and
-resume in each script; an encoder-decoder or an encoder is refused in one line; the FLOP count follows the model's
+resume in each script; an encoder-decoder, an encoder or a folder without its tokenizer is
+refused in one line; the FLOP count follows the model's
 own layers (grouped-query attention, gated MLPs, 4-bit weights, LoRA)."""
 import importlib
 import json
@@ -76,6 +77,14 @@ def test_an_encoder_or_an_unknown_model_type_is_refused_in_one_line(corpus, tmp_
     for init in ("pretrained", "random"):
         line = refusal("lightweight_small", unknown, corpus, tmp_path, cache_dir, capsys, "--init", init)
         assert "does not know its model_type 'no-such-family'" in line
+
+
+def test_a_folder_without_its_tokenizer_is_refused_in_one_line(folders, corpus, tmp_path, cache_dir, capsys):
+    weights_only = tmp_path / "weights_only"
+    AutoModelForCausalLM.from_pretrained(folders["llama"]).save_pretrained(weights_only)
+    capsys.readouterr()  # the loading's progress bar
+    line = refusal("lightweight_small", weights_only, corpus, tmp_path, cache_dir, capsys)
+    assert "its tokenizer cannot be loaded" in line
 
 
 @pytest.mark.parametrize("model_type, fields, refused", [
