@@ -1,7 +1,6 @@
 """`--model FOLDER` with any decoder-only causal LM: tiny Llama, Qwen2 and Gemma folders train, evaluate, save and
-resume in each script; an encoder-decoder, an encoder or a folder without its tokenizer is
-refused in one line; the FLOP count follows the model's
-own layers (grouped-query attention, gated MLPs, 4-bit weights, LoRA)."""
+resume in each script; an encoder-decoder, an encoder or a folder without its tokenizer is refused in one line; the
+FLOP count follows the model's own layers (grouped-query attention, gated MLPs, 4-bit weights, LoRA)."""
 import importlib
 import json
 import math
