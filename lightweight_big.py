@@ -140,7 +140,12 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
 
 
 def skip_what_the_model_lacks(on, config) -> None:
-    """The techniques that fit GPT-Neo's architecture alone, or an odd vocabulary, are skipped for other models."""
+    """The techniques that fit GPT-Neo's architecture alone, an odd vocabulary, or a family with SDPA are skipped for
+    other models."""
+    from harness.gpt_neo_sdpa import sdpa_missing
+
+    if why := sdpa_missing(config):
+        on.skip("sdpa", why)
     if config.model_type != "gpt_neo":
         on.skip("fast_gelu", f"GPT-Neo's GELU; {config.model_type} has its own activation")
     if config.vocab_size % 64 == 0:

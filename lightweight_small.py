@@ -61,17 +61,23 @@ STRONGEST_PEER = ["--off", "fused_ce", "--off", "compile", "--on", "trainer_comp
 
 def load_model(weights, on, device):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from harness.document_attention import DENSE_DOCUMENT_ATTENTION, DOCUMENT_ATTENTION
+    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
     from harness.loss import put_loss_in_forward
 
-    attention = "sdpa" if on("sdpa") else "eager"  # eager: packed documents through a dense additive mask
+    gpt_neo = AutoConfig.from_pretrained(weights).model_type == "gpt_neo"  # transformers gives it eager attention
+    # alone (besides flash-attn), and this repo's port (use_gpt_neo_sdpa) replaces it
+    sdpa = "sdpa"
     if on("document_mask") and on("sdpa"):  # SDPA, and for packed documents FlexAttention inside the compiled
         # layers; uncompiled, dense masks: flex's kernels would compile at the first step
-        attention = DOCUMENT_ATTENTION if on("compile") else DENSE_DOCUMENT_ATTENTION
+        sdpa = DOCUMENT_ATTENTION if on("compile") else DENSE_DOCUMENT_ATTENTION
+    attention = sdpa if on("sdpa") and not gpt_neo else "eager"  # eager: packed documents through a dense mask
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, use_cache=False,
                                                  attn_implementation=attention)
+    if on("sdpa") and gpt_neo:
+        use_gpt_neo_sdpa(model, masks=sdpa)
     if not on("trainer_liger"):  # the peer's liger computes its fused loss in the model's own (patched) forward
         put_loss_in_forward(model, fused=on("fused_ce"))  # fused: the logits are never materialized
     return model.to(device)
@@ -99,9 +105,13 @@ def main(argv=None):
         import torch
         from transformers import TrainingArguments
 
+        from harness.gpt_neo_sdpa import sdpa_missing
+
         on, args = run.on, run.args
         if not on("packing"):  # padded rows keep each record to itself already
             on.skip("document_mask", "needs packing")
+        if why := sdpa_missing(run.config):
+            on.skip("sdpa", why)
         if on("trainer_liger"):
             from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
             if run.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:

@@ -74,3 +74,15 @@ def use_gpt_neo_sdpa(model, masks: str = "sdpa") -> int:
     # the public `set_attn_implementation("sdpa")` refuses, since transformers has no SDPA for GPT-Neo.
     model.config._attn_implementation = masks
     return swapped
+
+
+def sdpa_missing(config) -> str | None:
+    """Why transformers cannot run `config`'s family through SDPA (Bloom, GPT-J, CodeGen, ...), or None where it can,
+    or where this module's port does (GPT-Neo). Such a family trains with eager attention."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type == "gpt_neo":
+        return None
+    family = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type])
+    return None if family._supports_sdpa else f"transformers has no SDPA for {config.model_type}: eager attention"

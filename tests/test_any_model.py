@@ -1,6 +1,7 @@
 """`--model FOLDER` with any decoder-only causal LM: tiny Llama, Qwen2 and Gemma folders train, evaluate, save and
-resume in each script; an encoder-decoder, an encoder or a folder without its tokenizer is refused in one line; the
-FLOP count follows the model's own layers (grouped-query attention, gated MLPs, 4-bit weights, LoRA)."""
+resume in each script; GPT-Neo and GPT-J, which transformers runs without SDPA, train; an encoder-decoder, an
+encoder or a folder without its tokenizer is refused in one line; the FLOP count follows the model's own layers
+(grouped-query attention, gated MLPs, 4-bit weights, LoRA)."""
 import importlib
 import json
 import math
@@ -12,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import SMALL_CORPUS
 from harness import measure, sources
 from harness.cli import InputError
-from tiny_models import FAMILIES, SIZES, save_tiny_encoder_decoder, save_tiny_model
+from tiny_models import FAMILIES, SIZES, WITHOUT_TRANSFORMERS_SDPA, save_tiny_encoder_decoder, save_tiny_model
 
 SCRIPTS = ["before_small", "lightweight_small", "before_big", "lightweight_big"]
 SMALL = ["--seq-len", "64", "--micro-batch", "2", "--tokens-per-step", "128"]
@@ -31,12 +32,14 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory, cache_dir, corpus) -> dict:
-    """A saved tiny model folder per family of FAMILIES, and a tiny T5 ('t5'), all with the corpus's tokenizer."""
+    """A saved tiny model folder per family of FAMILIES and WITHOUT_TRANSFORMERS_SDPA, and a tiny T5 ('t5'), all with
+    the corpus's tokenizer."""
     import common
 
     tokenizer = common.corpus_tokenizer(common.load_corpus(corpus, cache_dir), 1024, cache_dir)
     root = tmp_path_factory.mktemp("models")
-    saved = {family: save_tiny_model(family, root / family, tokenizer) for family in FAMILIES}
+    saved = {family: save_tiny_model(family, root / family, tokenizer)
+             for family in [*FAMILIES, *WITHOUT_TRANSFORMERS_SDPA]}
     saved["t5"] = save_tiny_encoder_decoder(root / "t5", tokenizer)
     return saved
 
@@ -158,3 +161,13 @@ def test_a_tiny_model_of_each_family_trains_evaluates_saves_and_resumes(script, 
     resumed = run(script, folders[family], corpus, out, cache_dir, "--max-steps", "3", *steps, "--resume")
     assert resumed["steps"] == 3 and math.isfinite(resumed["final_eval_loss"])  # evaluated at the end
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]  # steps 1-2 kept, step 3 trained on top
+
+
+@pytest.mark.parametrize("script", ["lightweight_small", "lightweight_big"])
+def test_a_family_without_transformers_sdpa_trains_through_the_port_or_eager(script, folders, corpus, tmp_path,
+                                                                             cache_dir):
+    neo = run(script, folders["gpt_neo"], corpus, tmp_path / "neo", cache_dir, "--max-steps", "1")
+    assert "sdpa" in neo["techniques"]  # GPT-Neo: this repo's port
+    gptj = run(script, folders["gptj"], corpus, tmp_path / "gptj", cache_dir, "--max-steps", "1")
+    assert gptj["techniques_skipped"]["sdpa"] == "transformers has no SDPA for gptj: eager attention"
+    assert math.isfinite(gptj["final_eval_loss"])

@@ -9,6 +9,11 @@ FAMILIES = {
     "qwen2": {},
     "gemma": {"head_dim": 16},
 }
+# families that transformers runs without SDPA: GPT-Neo (this repo's port gives it SDPA) and GPT-J (eager)
+WITHOUT_TRANSFORMERS_SDPA = {
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 16},
+    "gptj": {"rotary_dim": 8},
+}
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=1024)
 
@@ -21,7 +26,7 @@ def save_tiny_model(family: str, folder: Path, tokenizer, seed: int = 0) -> Path
 
     eos = tokenizer.eos_token_id
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
-                                  pad_token_id=tokenizer.pad_token_id, **SIZES, **FAMILIES[family])
+                                  pad_token_id=tokenizer.pad_token_id, **SIZES, **{**FAMILIES, **WITHOUT_TRANSFORMERS_SDPA}[family])
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
