@@ -140,8 +140,8 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
 
 
 def skip_what_the_model_lacks(on, config) -> None:
-    """The techniques that fit GPT-Neo's architecture alone, an odd vocabulary, or a family with SDPA are skipped for
-    other models."""
+    """Skipped where the model lacks what they fit: GPT-Neo's GELU (fast_gelu), a vocabulary not a multiple of 64
+    (pad_vocab), SDPA in transformers or this repo's GPT-Neo port (sdpa)."""
     from harness.gpt_neo_sdpa import sdpa_missing
 
     if why := sdpa_missing(config):

@@ -26,7 +26,8 @@ def save_tiny_model(family: str, folder: Path, tokenizer, seed: int = 0) -> Path
 
     eos = tokenizer.eos_token_id
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
-                                  pad_token_id=tokenizer.pad_token_id, **SIZES, **{**FAMILIES, **WITHOUT_TRANSFORMERS_SDPA}[family])
+                                  pad_token_id=tokenizer.pad_token_id, **SIZES,
+                                  **{**FAMILIES, **WITHOUT_TRANSFORMERS_SDPA}[family])
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
