@@ -38,13 +38,13 @@ SMOKE_ARGV = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--tok
 # lightweight_small compiles only runs of COMPILE_PAYS_FROM_STEPS or more: its rows are that long
 SMALL = ["--max-steps", str(lightweight_small.COMPILE_PAYS_FROM_STEPS), "--logging-steps", "5"]
 BIG = ["--max-steps", "12"]
-SMALL_MODEL, BIG_MODEL = "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B"  # current models of the recipes' sizes (configs/)
+# current models of the recipes' sizes (configs/): Qwen2.5 and SmolLM2 (Llama's architecture)
+CURRENT_SMALL_MODELS = {"qwen0.5b": "Qwen/Qwen2.5-0.5B", "smollm2": "HuggingFaceTB/SmolLM2-360M"}
+BIG_MODEL = "Qwen/Qwen2.5-1.5B"
 # qlora.py on a model other than GPT-Neo: transformers' default attention there is SDPA, not eager
 REFERENCE_QLORA_SDPA = [a for i, a in enumerate(lightweight_big.REFERENCE_QLORA)
                         if "sdpa" not in lightweight_big.REFERENCE_QLORA[i:i + 2]]
 QLORA_PY_DEFAULTS_SDPA = [*REFERENCE_QLORA_SDPA, *lightweight_big.QLORA_PY_DEFAULTS[len(lightweight_big.REFERENCE_QLORA):]]
-# the strongest peer with liger's kernels in place of compiling
-PEER_LIGER = ["trainer_liger" if a == "trainer_compile" else a for a in lightweight_small.STRONGEST_PEER]
 
 
 def row(name, script, *argv):
@@ -108,14 +108,17 @@ GROUPS = {
     # a current model through each recipe, beside its plain baseline and the peers a user would run instead: the
     # Trainer with torch_compile, or with liger's kernels (the two together failed to compile on Qwen2.5-0.5B)
     "models_small": [
-        row("qwen0.5b-lightweight_small", "lightweight_small", *SMALL, "--model", SMALL_MODEL),
-        row("qwen0.5b-peer-trainer_compile", "lightweight_small", *SMALL, "--model", SMALL_MODEL,
-            *lightweight_small.STRONGEST_PEER, "--micro-batch", "16"),
-        row("qwen0.5b-peer-trainer_liger", "lightweight_small", *SMALL, "--model", SMALL_MODEL, *PEER_LIGER,
-            "--micro-batch", "16"),
-        row("qwen0.5b-lightweight_small-16gib", "lightweight_small", *SMALL, "--model", SMALL_MODEL,
-            "--gpu-memory-gib", "16"),
-        row("qwen0.5b-before_small", "before_small", "--max-steps", "6", "--logging-steps", "2", "--model", SMALL_MODEL),
+        *[row(f"{name}-{kind}", "lightweight_small", *SMALL, "--model", model, *argv)
+          for name, model in CURRENT_SMALL_MODELS.items()
+          for kind, argv in (("lightweight_small", []),
+                             ("peer-trainer_compile", [*lightweight_small.STRONGEST_PEER, "--micro-batch", "16"]))],
+    ],
+    # the same under 16 GiB: the peer at the largest of 32, 16 or 8 x 1024 that fits
+    "models_small_16gib": [
+        *[row(f"{name}-{kind}-16gib", "lightweight_small", *SMALL, "--model", model, "--gpu-memory-gib", "16", *argv)
+          for name, model in CURRENT_SMALL_MODELS.items()
+          for kind, argv in (("lightweight_small", []),
+                             ("peer-trainer_compile", [*lightweight_small.STRONGEST_PEER, "--micro-batch", "8"]))],
     ],
     "models_big": [
         row("qwen1.5b-lightweight_big", "lightweight_big", *BIG, "--model", BIG_MODEL),
@@ -132,15 +135,14 @@ GROUPS = {
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
          "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing", "packing_epoch": "packing",
-         "models_small": "models", "models_big": "models"}
+         "models_small": "models", "models_small_16gib": "models", "models_big": "models"}
 # README's ratios, each between two rows of one file's group (one command): (the row, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),
           ("lightweight_small-16gib", "peer-trainer_compile-16gib"), ("lightweight_big", "reference_qlora"),
           ("lightweight_big", "qlora_py_defaults"), ("lightweight_big-4gib", "reference_qlora"),
           ("lightweight_small", "lightweight_small-cross_document"), ("lightweight_big", "lightweight_big-cross_document"),
-          ("qwen0.5b-lightweight_small", "qwen0.5b-peer-trainer_compile"),
-          ("qwen0.5b-lightweight_small", "qwen0.5b-peer-trainer_liger"),
-          ("qwen0.5b-lightweight_small", "qwen0.5b-before_small"),
+          *[(f"{name}-lightweight_small{budget}", f"{name}-peer-trainer_compile{budget}")
+            for name in CURRENT_SMALL_MODELS for budget in ("", "-16gib")],
           ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora"), ("qwen1.5b-lightweight_big", "qwen1.5b-qlora_py_defaults")]
 
 

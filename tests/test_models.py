@@ -1,6 +1,7 @@
 """Model-side pieces: 4-bit + LoRA, the GPT-Neo SDPA port, the random-init fallback, the loss, the FLOP count."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import lightweight_big
 from conftest import SMALL_CORPUS, output_head, tiny_script_model
 from harness import budget, measure, micro_batch, sources
 from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
-from harness.loss import causal_lm_parts, lm_loss_sum
+from harness.loss import FUSED_CE_CHUNK_ROWS, causal_lm_parts, chunk_mem_const, lm_loss_sum
 
 
 def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
@@ -139,6 +140,18 @@ def test_plain_loss_is_token_mean_cross_entropy():
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
     torch.testing.assert_close(total, expected)
+
+
+@pytest.mark.parametrize("tokens, vocab, width", [(32 * 1023, 151_936, 896), (16 * 1023, 151_936, 1536),
+                                                   (32 * 1023, 50_272, 1024), (8 * 1023, 49_152, 960), (300, 50_257, 2048)])
+def test_fused_loss_chunks_hold_at_least_the_chosen_rows(tokens, vocab, width):
+    """liger's chunking (fused_linear_cross_entropy_forward: inc_factor = ceil(V / (chunk_mem_const x H)), chunk =
+    next power of 2 of ceil(BT / inc_factor)) at the chunk_mem_const chosen: chunks of FUSED_CE_CHUNK_ROWS tokens or
+    more, or one chunk of all of them, and no more than twice the rows (the transient logits stay bounded)."""
+    const = chunk_mem_const(tokens, vocab, width)
+    increase = math.ceil(vocab / (const * width))
+    chunk = min(tokens, 1 << (math.ceil(tokens / increase) - 1).bit_length())
+    assert min(tokens, FUSED_CE_CHUNK_ROWS) <= chunk <= 2 * FUSED_CE_CHUNK_ROWS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="liger's fused kernel runs on CUDA only")
