@@ -44,7 +44,6 @@ BIG_MODEL = "Qwen/Qwen2.5-1.5B"
 # qlora.py on a model other than GPT-Neo: transformers' default attention there is SDPA, not eager
 REFERENCE_QLORA_SDPA = [a for i, a in enumerate(lightweight_big.REFERENCE_QLORA)
                         if "sdpa" not in lightweight_big.REFERENCE_QLORA[i:i + 2]]
-QLORA_PY_DEFAULTS_SDPA = [*REFERENCE_QLORA_SDPA, *lightweight_big.QLORA_PY_DEFAULTS[len(lightweight_big.REFERENCE_QLORA):]]
 
 
 def row(name, script, *argv):
@@ -122,13 +121,10 @@ GROUPS = {
     ],
     "models_big": [
         row("qwen1.5b-lightweight_big", "lightweight_big", *BIG, "--model", BIG_MODEL),
+        row("qwen1.5b-lightweight_big-no-liger_kernels", "lightweight_big", *BIG, "--model", BIG_MODEL,
+            "--off", "liger_kernels"),
         row("qwen1.5b-lightweight_big-8gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "8"),
-        row("qwen1.5b-lightweight_big-4gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "4"),
         row("qwen1.5b-reference_qlora", "lightweight_big", *BIG, "--model", BIG_MODEL, *REFERENCE_QLORA_SDPA),
-        row("qwen1.5b-qlora_py_defaults", "lightweight_big", "--max-steps", "6", "--model", BIG_MODEL,
-            *QLORA_PY_DEFAULTS_SDPA),
-        row("qwen1.5b-before_big", "before_big", "--max-steps", "4", "--model", BIG_MODEL),
-        row("qwen1.5b-before_big-16gib", "before_big", "--max-steps", "2", "--model", BIG_MODEL, "--gpu-memory-gib", "16"),
     ],
     "job": [dict(name=f"job-{script}", script=script, job=True) for script in benchmark_jobs.SCRIPTS],
     "scale": benchmark_scale.scale_rows(),
@@ -143,7 +139,7 @@ RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-tra
           ("lightweight_small", "lightweight_small-cross_document"), ("lightweight_big", "lightweight_big-cross_document"),
           *[(f"{name}-lightweight_small{budget}", f"{name}-peer-trainer_compile{budget}")
             for name in CURRENT_SMALL_MODELS for budget in ("", "-16gib")],
-          ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora"), ("qwen1.5b-lightweight_big", "qwen1.5b-qlora_py_defaults")]
+          ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora")]
 
 
 def read_curves(output_dir: Path) -> dict:
