@@ -111,6 +111,8 @@ GROUPS = {
           for name, model in CURRENT_SMALL_MODELS.items()
           for kind, argv in (("lightweight_small", []),
                              ("peer-trainer_compile", [*lightweight_small.STRONGEST_PEER, "--micro-batch", "16"]))],
+        row("qwen0.5b-peer-unsloth", "peers/unsloth_peer", *SMALL, "--model", CURRENT_SMALL_MODELS["qwen0.5b"],
+            "--mode", "full", "--micro-batch", "16"),
     ],
     # the same under 16 GiB: the peer at the largest of 32, 16 or 8 x 1024 that fits
     "models_small_16gib": [
@@ -125,6 +127,8 @@ GROUPS = {
             "--off", "liger_kernels"),
         row("qwen1.5b-lightweight_big-8gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "8"),
         row("qwen1.5b-reference_qlora", "lightweight_big", *BIG, "--model", BIG_MODEL, *REFERENCE_QLORA_SDPA),
+        row("qwen1.5b-peer-unsloth", "peers/unsloth_peer", *BIG, "--model", BIG_MODEL, "--mode", "qlora",
+            "--micro-batch", "32"),
     ],
     "job": [dict(name=f"job-{script}", script=script, job=True) for script in benchmark_jobs.SCRIPTS],
     "scale": benchmark_scale.scale_rows(),
@@ -139,6 +143,7 @@ RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-tra
           ("lightweight_small", "lightweight_small-cross_document"), ("lightweight_big", "lightweight_big-cross_document"),
           *[(f"{name}-lightweight_small{budget}", f"{name}-peer-trainer_compile{budget}")
             for name in CURRENT_SMALL_MODELS for budget in ("", "-16gib")],
+          ("qwen0.5b-lightweight_small", "qwen0.5b-peer-unsloth"), ("qwen1.5b-lightweight_big", "qwen1.5b-peer-unsloth"),
           ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora")]
 
 
