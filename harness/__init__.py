@@ -11,6 +11,7 @@
 - measure: the Trainer that measures tokens/s, memory and MFU; metrics.jsonl
 - wandb_run: the W&B run
 - budget: the GPU memory budget, what a recipe's states need, and the out-of-memory report
+- cpu_memory: a step's memory on the CPU, activations included, and the micro-batch that fits it
 - micro_batch: the micro-batch that fits the GPU (auto_micro_batch), and LeanerMemory to fit a larger one
 - signals: Ctrl-C / SIGTERM, checkpoints to resume from, no resumable checkpoint at the end
 - checkpoints: checkpoints written whole or not at all, and checked before a resume

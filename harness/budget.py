@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 
 import torch
 
@@ -94,22 +93,6 @@ def available_memory_gib() -> float | None:
     except OSError:
         pass
     return None
-
-
-def check_cpu_memory(script: str, model_id: str, config, frozen_base: bool, processes: int, quiet: bool) -> None:
-    """On the CPU, before any weights exist: say in one line what the recipe's states need, and refuse
-    (InputError) where that is more than this machine has available. The kernel would kill the run otherwise."""
-    estimate = state_estimate_before_building_gib(config, frozen_base)
-    need = sum(estimate.values()) * processes
-    available = available_memory_gib()
-    per_process = f" ({processes} processes)" if processes > 1 else ""
-    line = (f"{model_id} on the CPU{per_process}: before activations this recipe needs about {need:.1f} GiB: "
-            + ", ".join(f"{k} {v * processes:.1f}" for k, v in estimate.items())
-            + ("" if available is None else f"; this machine has {available:.1f} GiB available"))
-    if available is not None and need > available:
-        raise InputError(f"{line}: too little; use --model tiny for a CPU run, or a CUDA GPU")
-    if not quiet:
-        print(f"{script}: {line}; activations come on top (for a short CPU run: --model tiny)", file=sys.stderr)
 
 
 def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,

@@ -107,7 +107,8 @@ class Run:
 
         import torch  # after the cheap checks: a refusal above comes before this import
 
-        from harness.budget import check_cpu_memory, check_memory_budget
+        from harness.budget import check_memory_budget
+        from harness.cpu_memory import fit_the_cpu
         from harness.sources import resolve_model
 
         check_memory_budget(args.gpu_memory_gib)
@@ -115,11 +116,11 @@ class Run:
         self.source = resolve_model(args.model, args.init, model, self.corpus, args.cache_dir)
         self.tokenizer, self.config = self.source.tokenizer, self.source.config
         self.mark("tokenizer_and_config")
-        if args.model != "tiny" and not torch.cuda.is_available():  # before any weights are built or loaded
-            check_cpu_memory(script, args.model, self.config, frozen_base=on.chosen.get("lora", False),
-                             processes=self.world_size, quiet=not self.main_process)  # lora: lightweight_big's
-        self.prepare_records()
+        self.prepare_records()  # first: its refusal of a --seq-len beyond the model's positions
         self.mark("records")
+        fitted = None  # why the micro-batch is smaller than the script's default on the CPU
+        if args.model != "tiny" and not torch.cuda.is_available():  # before any weights are built or loaded
+            fitted = fit_the_cpu(script, args, on, self.config, self.world_size, quiet=not self.main_process)
 
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", local_rank) if self.cuda else torch.device("cpu")
@@ -146,7 +147,8 @@ class Run:
         self.trainer = self.wandb_run = self.model = self.train_started = None
         self.autocast_dtype = None  # what the training step autocasts to (TrainingArguments bf16 / fp16)
         self.optim = "adamw_torch"  # for the out-of-memory estimate, until the script names its optimizer
-        self.micro_batch_reason = "given by --micro-batch" if args.micro_batch_given else "the script's default"
+        self.micro_batch_reason = fitted or ("given by --micro-batch" if args.micro_batch_given else
+                                             "the script's default")
         self.leaner_unused = "no micro-batch probe"  # why a LeanerMemory is off (largest_micro_batch)
 
     def prepare_records(self) -> None:

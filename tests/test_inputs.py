@@ -267,25 +267,26 @@ def test_full_size_model_beyond_the_cpus_memory_is_refused_before_its_weights_ex
     monkeypatch.setattr(budget, "available_memory_gib", lambda: 3.0)
     fresh = tmp_path / "fresh-cache"
     line = refused(full_size_args(good_corpus, fresh, tmp_path), capsys, tmp_path)
-    # OPT-350m's 331M parameters in fp32 with AdamW: 4 + 4 + 8 bytes each
-    assert "facebook/opt-350m on the CPU: before activations this recipe needs about 4.9 GiB: weights 1.2, " \
-           "gradients 1.2, optimizer states 2.5; this machine has 3.0 GiB available" in line
+    # OPT-350m's 331M parameters in fp32 with AdamW: 4 + 4 + 8 bytes each, and activations on top
+    assert "facebook/opt-350m on the CPU: a step of micro-batch 2 x 64 needs about " in line
+    assert ": weights 1.2, gradients 1.2, optimizer states 2.5, activations " in line
+    assert "; this machine has 3.0 GiB available: too much even at micro-batch 1" in line
     assert "--model tiny" in line
     assert not (fresh / "random-init").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for runs on the CPU")
 def test_full_size_model_on_the_cpu_says_what_it_needs(good_corpus, tmp_path, capsys, monkeypatch):
-    """Where it fits, one line says what the states need; the run goes on (here to a later refusal, so that no
+    """Where it fits, one line says what the step needs; the run goes on (here to a later refusal, so that no
     weights are built)."""
     monkeypatch.setattr(budget, "available_memory_gib", lambda: 100.0)
     with pytest.raises(SystemExit) as stopped:
-        before_small.main(full_size_args(good_corpus, tmp_path / "fresh", tmp_path) + ["--seq-len", "5000",
-                                                                                       "--tokens-per-step", "10000"])
+        before_small.main(full_size_args(good_corpus, tmp_path / "fresh", tmp_path) + ["--profile", "prof"])
     assert stopped.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 2 and "needs about 4.9 GiB" in lines[0] and "100.0 GiB available" in lines[0]
-    assert "--model tiny" in lines[0] and "--seq-len 5000" in lines[1]
+    assert len(lines) == 2 and "a step of micro-batch 2 x 64 needs about" in lines[0]
+    assert "optimizer states 2.5, activations " in lines[0] and "100.0 GiB available" in lines[0]
+    assert "--model tiny" in lines[0] and "--profile" in lines[1]
 
 
 def test_available_memory_is_read_from_meminfo():
