@@ -19,11 +19,31 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
-EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (full disk, any OSError): the earlier ones stay
+EXIT_SAVE_FAILED = 4  # a file of the run could not be written (full disk, any OSError): what was whole stays
+EXIT_DIVERGED = 5  # the loss turned NaN or infinite
 
 
 class InputError(Exception):
     """A problem the user can fix (bad corpus, bad flag value): one line, exit code 2."""
+
+
+class RunEnded(Exception):
+    """A run that cannot go on, for the reason its one line gives: no traceback, exit `exit_code`. The line is
+    printed (first process) as it is raised, above the progress bar rather than onto its line; the run then ends
+    as any failure does (summary.json with the error, where the disk still takes it; W&B finished)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, main_process: bool = True):
+        super().__init__(message)
+        self.message = message
+        if main_process:
+            from tqdm import tqdm  # its write() clears the bar's line, prints, and draws the bar again below
+
+            tqdm.write(f"error: {message}", file=sys.stderr)
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass(frozen=True)

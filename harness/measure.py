@@ -11,7 +11,7 @@ import torch
 from accelerate import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback
 
-from harness.checkpoints import save_staged
+from harness.checkpoints import append_line, save_staged
 from harness.clock import seconds_since_process_start
 
 GIB = 2**30
@@ -209,9 +209,9 @@ class MeasuringTrainer(Trainer):
                 logs["mfu"] = mfu
         logs["job_seconds"] = seconds_since_process_start()  # for loss against wall-clock time
         logs.update(memory)
-        if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+        if self.metrics_path is not None:  # a failed write ends the run in one line, exit 4
+            append_line(self.metrics_path, json.dumps({"step": self.state.global_step, **logs}) + "\n",
+                        self.metrics_path.parent)
         super().log(logs, start_time)
 
     def _gather_tokens_and_memory(self, window_tokens: bool) -> tuple[int | None, dict]:

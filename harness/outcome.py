@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.cli import EXIT_OOM, EXIT_SAVE_FAILED
+from harness.checkpoints import CheckpointNotSaved, write_whole
+from harness.cli import EXIT_OOM, RunEnded
 from harness.clock import seconds_since_process_start
 
 
@@ -22,12 +23,10 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
     as the outcome says (or return). A crash other than running out of memory is raised again, with its traceback."""
     import torch
 
-    from harness.checkpoints import CheckpointNotSaved
-
     summary, crash = run.summary, None
     if isinstance(failure, torch.OutOfMemoryError):
         summary["oom"] = True
-    elif isinstance(failure, CheckpointNotSaved):  # its line is printed; no traceback
+    elif isinstance(failure, RunEnded):  # its line is printed; no traceback
         summary["error"] = str(failure)
     elif failure is not None:
         crash = failure
@@ -48,15 +47,14 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
         summary["oom_message"] = oom_line(run)
     summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
     try:
-        write_summary(summary, run.output_dir, run.rank, failure is not None, run.wandb_run, run.script)
-    except OSError:
-        if not isinstance(failure, CheckpointNotSaved):
-            raise  # else the disk that refused the checkpoint refused summary.json too: the exit code says it
+        write_summary(summary, run.output_dir, run.rank, failure, run.wandb_run, run.script)
+    except CheckpointNotSaved as e:  # its line is printed; a failure before it keeps its own exit code
+        failure = failure if isinstance(failure, (RunEnded, torch.OutOfMemoryError)) or crash else e
     run.trainer = run.model = None
     if crash is not None:
         raise crash
-    if isinstance(failure, CheckpointNotSaved):
-        raise SystemExit(EXIT_SAVE_FAILED)
+    if isinstance(failure, RunEnded):
+        raise SystemExit(failure.exit_code)
     exit_as_the_outcome_says(summary, run.script, run.main_process, run.world_size, not run.args.no_checkpoints, argv)
 
 
@@ -103,16 +101,21 @@ def peak_memory_gib(cuda: bool, processes: int, device, all_processes_alive: boo
     return peak
 
 
-def write_summary(summary: dict, output_dir: Path, rank: int, failed: bool, wandb_run, script: str) -> None:
+def write_summary(summary: dict, output_dir: Path, rank: int, failure, wandb_run, script: str) -> None:
     """summary.json from the first process (rank 0), summary-rank{rank}.json from another that failed (the first may
-    never get to write its own); the W&B run, if one was started, ends with the summary."""
+    never get to write its own); the W&B run, if one was started, ends with the summary. A failed write raises
+    CheckpointNotSaved, with its own line unless the `failure` that ended the run printed one."""
     from harness.wandb_run import finish_wandb
 
-    if rank == 0 or failed:
-        name = "summary.json" if rank == 0 else f"summary-rank{rank}.json"
-        (output_dir / name).write_text(json.dumps(summary, indent=2) + "\n")
-    if wandb_run is not None:
-        finish_wandb(wandb_run, summary, failed, script)
+    failed = failure is not None
+    try:
+        if rank == 0 or failed:  # whole or as before: a full disk leaves no 0-byte summary.json
+            name = "summary.json" if rank == 0 else f"summary-rank{rank}.json"
+            write_whole(output_dir / name, json.dumps(summary, indent=2) + "\n", output_dir,
+                        quiet=isinstance(failure, RunEnded))
+    finally:
+        if wandb_run is not None:
+            finish_wandb(wandb_run, summary, failed, script)
 
 
 def exit_as_the_outcome_says(summary: dict, script: str, main_process: bool, processes: int, saved: bool,

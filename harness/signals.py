@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.checkpoints import newest_complete, step_of
+from harness.checkpoints import newest_complete, step_of, write_whole
 from harness.cli import InputError
 
 
@@ -61,11 +61,31 @@ def find_checkpoint(output_dir, resume: bool) -> str | None:
 def restart_metrics(path: Path, resume_step: int | None) -> int:
     """Start metrics.jsonl afresh, or on resume keep the rows up to the checkpoint's step (later rows will be
     logged again) but the interrupted run's end-of-training row (train_runtime, ...): the resumed run writes
-    its own at the end. Returns the tokens trained up to there."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    kept = [r for r in rows if resume_step is not None and r["step"] <= resume_step and "train_runtime" not in r]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    its own at the end. A row cut short by a failed write, or with no step, is dropped with one line. The file is
+    rewritten whole (harness.checkpoints.write_whole). Returns the tokens trained up to there."""
+    rows, torn = readable_rows(path) if resume_step is not None else ([], [])
+    if torn:
+        print(f"--resume: dropping {len(torn)} unreadable row(s) of {path} (line {', '.join(map(str, torn))}: cut "
+              f"short by a failed write, or without a step)", file=sys.stderr)
+    kept = [r for r in rows if r["step"] <= resume_step and "train_runtime" not in r]
+    write_whole(path, "".join(json.dumps(r) + "\n" for r in kept), path.parent)
     return max((r["tokens_trained"] for r in kept if "tokens_trained" in r), default=0)
+
+
+def readable_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """(metrics.jsonl's rows that parse and have an integer step, the line numbers of those that do not)."""
+    rows, torn = [], []
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = {}
+        if row is not None and isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif row is not None:
+            torn.append(number)
+    return rows, torn
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
     """(training seconds, the signal that stopped it early or None). A run that trained every step ends by saving the
     trained model, if `save`: weights and config (LoRA runs: the adapters), as `from_pretrained` loads them,
     counted as save time outside the Trainer's train_runtime."""
+    from harness.checkpoints import save_model_staged
     from harness.signals import tied_embedding_not_reported_missing
 
     with stopper, tied_embedding_not_reported_missing(model):
@@ -63,23 +64,9 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
         finished = trainer.state.global_step >= trainer.state.max_steps
         if finished and save:
             with trainer._paused("save"):  # MeasuringTrainer's own pause: evaluation and saving time
-                save_trained_model(trainer)
+                save_model_staged(trainer)
     stopped = signal.Signals(stopper.signum).name if stopper.signum is not None and not finished else None
     return result.metrics["train_runtime"], stopped
-
-
-def save_trained_model(trainer) -> None:
-    """trainer.save_model(); a full disk or any failed write ends the run as a failed checkpoint save does (one
-    line, exit 4), not with a traceback."""
-    from harness.checkpoints import CheckpointNotSaved, is_write_failure
-
-    try:
-        trainer.save_model()
-    except Exception as e:
-        if not is_write_failure(e):
-            raise
-        raise CheckpointNotSaved(f"could not save the trained model in {trainer.args.output_dir}: {e}",
-                                 trainer.is_world_process_zero()) from e
 
 
 def training_summary(trainer, train_seconds: float, tokens_before: int, processes: int) -> dict:
