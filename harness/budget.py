@@ -112,6 +112,13 @@ def check_cpu_memory(script: str, model_id: str, config, frozen_base: bool, proc
         print(f"{script}: {line}; activations come on top (for a short CPU run: --model tiny)", file=sys.stderr)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError: "DefaultCPUAllocator: can't allocate
+    memory") or Python's MemoryError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,
                 micro_batch_that_fits: int | None = None) -> str:
     """The one line an out-of-memory run ends with: where, under what budget, what the states need, and the

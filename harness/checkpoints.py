@@ -53,6 +53,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         state = json.loads((folder / "trainer_state.json").read_text())
     except (ValueError, UnicodeDecodeError):
         return "trainer_state.json does not parse"
+    except OSError as e:
+        return f"trainer_state.json: unreadable ({e.strerror or e})"
     if not isinstance(state, dict) or state.get("global_step") != step_of(folder):
         got = state.get("global_step") if isinstance(state, dict) else None
         return f"trainer_state.json says step {got}, not {step_of(folder)}"
@@ -81,6 +83,8 @@ def file_problem(path: Path) -> str | None:
         return "does not parse"
     except zipfile.BadZipFile:
         return f"cut short or unreadable ({size} bytes)"
+    except OSError as e:  # a file this process may not read
+        return f"unreadable ({e.strerror or e})"
     return None
 
 
@@ -100,11 +104,12 @@ def safetensors_problem(path: Path, size: int) -> str | None:
     return None
 
 
-def newest_complete(out: Path, quiet: bool = False) -> tuple[Path | None, list[Path]]:
-    """(the newest complete checkpoint-N in `out` or None, the newer incomplete ones skipped). Each skipped one
-    is named in one line on stderr (unless quiet). Staging folders are ignored: they never hold a checkpoint-N."""
-    found = sorted((p for p in out.iterdir() if step_of(p) is not None), key=step_of, reverse=True) \
-        if out.is_dir() else []
+def newest_complete(out: Path, quiet: bool = False, before: int | None = None) -> tuple[Path | None, list[Path]]:
+    """(the newest complete checkpoint-N in `out` (N < `before`, if given) or None, the newer incomplete ones
+    skipped). Each skipped one is named in one line on stderr (unless quiet). Staging folders are ignored: they
+    never hold a checkpoint-N."""
+    found = sorted((p for p in out.iterdir() if step_of(p) is not None and (before is None or step_of(p) < before)),
+                   key=step_of, reverse=True) if out.is_dir() else []
     skipped = []
     for folder in found:
         problem = checkpoint_problem(folder)

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 
 from harness.checkpoints import append_line, save_staged
 from harness.clock import seconds_since_process_start
+from harness.signals import restart_metrics
 
 GIB = 2**30
 # Dense bf16 tensor-core peaks in TFLOP/s (no sparsity, fp32 accumulate), by a part of the GPU's name, first
@@ -135,7 +136,7 @@ class MeasuringTrainer(Trainer):
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
         self.metrics_path = metrics_path  # None on every process but the first
-        self.tokens_trained = 0
+        self.tokens_trained = self.tokens_before = 0  # before: trained up to the checkpoint resumed from
         self.windows = []  # (end_step, tokens, seconds) per training log
         self._pending_tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
         self._window_start = None
@@ -148,6 +149,9 @@ class MeasuringTrainer(Trainer):
         class WindowStart(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):  # after a resumed state is loaded
                 trainer._window_start, trainer._window_step = time.perf_counter(), state.global_step
+                # metrics.jsonl cut back to the step actually resumed from (not an earlier try's: see signals)
+                trainer.tokens_trained = trainer.tokens_before = restart_metrics(
+                    trainer.metrics_path, state.global_step or None) if trainer.metrics_path is not None else 0
 
         self.add_callback(WindowStart())
         self.step_ends = StepEnds()

@@ -237,9 +237,7 @@ class Run:
         """
         import torch
 
-        from harness.checkpoints import step_of
         from harness.measure import parameter_counts, peak_tflops
-        from harness.signals import restart_metrics
         from harness.training import add_run_callbacks, measuring_trainer, train_to_the_end, training_summary
 
         self.mark("model_and_micro_batch")  # the script's block: model load, quantization, probe, dataset
@@ -251,8 +249,6 @@ class Run:
                             micro_batch_reason=self.micro_batch_reason,
                             gradient_accumulation=training_args.gradient_accumulation_steps,
                             techniques=self.on.names_on(), techniques_skipped=dict(self.on.skipped))  # as decided
-        resume_step = step_of(Path(self.checkpoint)) if self.checkpoint else None
-        tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
         self.summary["trainable_params"], self.summary["total_params"] = parameter_counts(model)
         self.start_wandb(training_args)
         self.mark("wandb")
@@ -261,7 +257,6 @@ class Run:
         self.trainer = measuring_trainer(model, training_args, train_set, self.eval_set, self.config, args.seq_len,
                                          self.world_size, peak, self.metrics_path, one_batch_shape, evaluate_eagerly,
                                          wandb_on=self.wandb_run is not None)
-        self.trainer.tokens_trained = tokens_before
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
@@ -275,7 +270,7 @@ class Run:
                                                      save=not args.no_checkpoints)
         if stopped_by is not None:
             self.summary["interrupted"] = stopped_by
-        self.summary.update(training_summary(self.trainer, train_seconds, tokens_before, self.world_size))
+        self.summary.update(training_summary(self.trainer, train_seconds, self.world_size))
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from harness.checkpoints import newest_complete, step_of, write_whole
-from harness.cli import InputError
+from harness.cli import EXIT_BAD_INPUT, InputError, RunEnded
 
 
 def no_checkpoint_at_the_end(save_every: int):
@@ -56,6 +56,56 @@ def find_checkpoint(output_dir, resume: bool) -> str | None:
         raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume "
                          f"to start fresh)")
     return str(newest)
+
+
+class NoCheckpointLoads(RunEnded):
+    """--resume found complete checkpoints, and none of them loads: exit 2, as where none is complete."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def train_from_one_that_loads(trainer, checkpoint: str | None):
+    """trainer.train() resumed from `checkpoint`, or, where it does not load (any error before the first step
+    begins: weights, trainer_state.json, optimizer, scheduler or RNG state), from the newest complete one before
+    it, each that failed named in one line; none loads: NoCheckpointLoads. The Trainer is trained again in place
+    (as transformers' own auto_find_batch_size retries it): the older checkpoint's load replaces everything the
+    failed one loaded. One process only: under a launcher a failure is raised as it is."""
+    from harness.budget import out_of_memory
+
+    while True:
+        mark = first_step_mark()
+        trainer.add_callback(mark)
+        try:
+            return trainer.train(resume_from_checkpoint=checkpoint)
+        except Exception as e:
+            if checkpoint is None or mark.began or out_of_memory(e) or trainer.args.world_size > 1:
+                raise
+            checkpoint = older_checkpoint(Path(checkpoint), f"{type(e).__name__}: {e}")
+        finally:
+            trainer.remove_callback(mark)
+
+
+def older_checkpoint(failed: Path, error: str) -> str:
+    """After `failed` did not load (`error`, first line): the newest complete checkpoint before it."""
+    print(f"--resume: skipping {failed} (does not load: {error.strip().splitlines()[0][:300]})", file=sys.stderr)
+    older, _ = newest_complete(failed.parent, before=step_of(failed))
+    if older is None:
+        raise NoCheckpointLoads(f"--resume: no checkpoint in {failed.parent} loads; to start fresh, delete the "
+                                f"checkpoint-N folders or choose another --output-dir, and run without --resume")
+    return str(older)
+
+
+def first_step_mark():
+    """A TrainerCallback whose `began` turns True as the first step begins: the checkpoint has loaded by then."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        began = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = True
+
+    return FirstStep()
 
 
 def restart_metrics(path: Path, resume_step: int | None) -> int:

@@ -55,10 +55,10 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
     trained model, if `save`: weights and config (LoRA runs: the adapters), as `from_pretrained` loads them,
     counted as save time outside the Trainer's train_runtime."""
     from harness.checkpoints import save_model_staged
-    from harness.signals import tied_embedding_not_reported_missing
+    from harness.signals import tied_embedding_not_reported_missing, train_from_one_that_loads
 
     with stopper, tied_embedding_not_reported_missing(model):
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        result = train_from_one_that_loads(trainer, checkpoint)
         # finished: every step trained (the same on every process). A signal that came after the last
         # step changes nothing: the model is saved, here where a signal waits for the save to end.
         finished = trainer.state.global_step >= trainer.state.max_steps
@@ -69,14 +69,14 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
     return result.metrics["train_runtime"], stopped
 
 
-def training_summary(trainer, train_seconds: float, tokens_before: int, processes: int) -> dict:
+def training_summary(trainer, train_seconds: float, processes: int) -> dict:
     """What training measured, for summary.json: time, tokens, tokens/s, losses, steps, compile, evaluation, saving."""
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     summary = dict(
         train_seconds=train_seconds, tokens_trained=trainer.tokens_trained,
-        tokens_per_second=(trainer.tokens_trained - tokens_before) / train_seconds,
+        tokens_per_second=(trainer.tokens_trained - trainer.tokens_before) / train_seconds,
         # warm-up: 10 steps where the run is long enough; transformers' Trainer compiling the whole model (the
         # peer-trainer_compile row) compiles again in steps 6-10, at 3.2 s a step against 0.2 s later
         steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(10, trainer.state.max_steps // 3)),

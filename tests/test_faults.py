@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,62 @@ def test_full_disk_at_the_final_save_exits_4_with_one_line(tmp_path, cache_dir, 
     assert "could not save the trained model" in line and "No space left on device" in line
     assert "Traceback" not in err
     assert json.loads((out / "summary.json").read_text())["error"].startswith("could not save the trained model")
+
+
+def damage_that_passes_the_check(folder: Path, how: str) -> None:
+    """Damage a checkpoint so that it looks complete (checkpoint_problem: None) and still does not load."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if how == "unknown-key":  # TrainerState(**state): an unexpected keyword argument
+        (folder / "trainer_state.json").write_text(json.dumps({**state, "from_a_later_version": 1}))
+    elif how == "only-global-step":
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": state["global_step"]}))
+    else:  # a zip whose pickle is garbage: torch.load fails, the zip's directory is intact
+        path = folder / how
+        with zipfile.ZipFile(path) as z:
+            members = {name: z.read(name) for name in z.namelist()}
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, b"garbage" if name.endswith("data.pkl") else data)
+    assert checkpoint_problem(folder) is None
+
+
+@pytest.mark.parametrize("how", ["unknown-key", "only-global-step", "optimizer.pt", "rng_state.pth"])
+def test_resume_falls_back_past_a_checkpoint_that_does_not_load(how, tmp_path, cache_dir, uninterrupted, capsys):
+    straight, folder = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(folder, out)
+    damage_that_passes_the_check(out / "checkpoint-8", how)
+    summary = lightweight_small.main(argv(out, cache_dir, "--resume"))
+    err = capsys.readouterr().err
+    assert summary["steps"] == 8 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "skipping" in x]
+    assert f"skipping {out / 'checkpoint-8'} (does not load: " in line
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in (7, 8):  # trained again from checkpoint-6, as the straight run did
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_resume_where_no_checkpoint_loads_exits_2_in_one_line(tmp_path, cache_dir, uninterrupted, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+    for name in ("checkpoint-6", "checkpoint-8"):
+        damage_that_passes_the_check(out / name, "unknown-key")
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main(argv(out, cache_dir, "--resume"))
+    assert e.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and sum("does not load" in x for x in err.splitlines()) == 2
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "no checkpoint in" in line and "loads" in line and "without --resume" in line
+
+
+def test_an_unreadable_file_is_named_as_a_problem(tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+
+    def unreadable(path, *a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(zipfile, "ZipFile", unreadable)
+    assert checkpoint_problem(out / "checkpoint-8") == "optimizer.pt: unreadable (Permission denied)"
