@@ -20,6 +20,7 @@ import common
 from harness import step_size
 from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
+from harness.lock import lock_output_dir
 from harness.micro_batch import LeanerMemory
 from harness.outcome import end_the_process, finish
 from harness.signals import find_checkpoint
@@ -30,12 +31,14 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     """Yield a `Run` for `script` (defaults: `model`, `sizes`) as the command line `argv` asks."""
     startup_seconds = seconds_since_process_start()  # interpreter, imports
     args, on = parse_args(script, model, techniques, sizes, argv)
-    with collector_as_it_was():  # an at_start may pause Python's garbage collector (the lightweight scripts' gc_paused)
+    # an at_start may pause Python's garbage collector (the lightweight scripts' gc_paused); `held`: what the run
+    # holds until it ends, however it ends (the output folder's lock)
+    with collector_as_it_was(), contextlib.ExitStack() as held:
         for name, technique in techniques.items():
             if technique.at_start is not None and on(name):
                 technique.at_start()
         try:
-            run = Run(script, model, args, on)
+            run = Run(script, model, args, on, held)
         except InputError as e:
             refuse("\n".join(f"{script}: error: {problem}" for problem in str(e).splitlines()))  # exit 2; under
             # torchrun printed by the first process only
@@ -93,13 +96,17 @@ def interrupted(script: str):
 class Run:
     """What a script's block works with (args, on, device, tokenizer, records, weights) and `train()`."""
 
-    def __init__(self, script: str, model: str, args, on):
+    def __init__(self, script: str, model: str, args, on, held: contextlib.ExitStack):
         self.script, self.args, self.on = script, args, on
         # torchrun and `accelerate launch` describe the process group in the environment; one process: 1, 0, 0
         self.world_size = processes_in_launch()
         self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
+        self.output_dir = Path(args.output_dir)
+        # one run per folder: taken before --resume reads it, or, for a new folder, once nothing else can refuse
+        locked = self.main_process and self.output_dir.is_dir() and held.enter_context(
+            lock_output_dir(self.output_dir, script))
         self.checkpoint = find_checkpoint(args.output_dir, args.resume)
         self.setup_marks = {"startup": seconds_since_process_start()}  # setup's parts: see setup_parts()
         self.corpus = common.load_corpus(args.corpus, args.cache_dir)
@@ -141,7 +148,8 @@ class Run:
                 "tokens, tokens/s and MFU: total over the processes (MFU per GPU); memory: the maximum over the "
                 "processes, each on its own GPU" if self.cuda else
                 "tokens and tokens/s: total over the processes; no memory or MFU figures on the CPU")
-        self.output_dir = Path(args.output_dir)
+        if self.main_process and not locked:
+            held.enter_context(lock_output_dir(self.output_dir, script))
         self.metrics_path = self.output_dir / "metrics.jsonl" if self.main_process else None
         self.trainer = self.wandb_run = self.model = self.train_started = None
         self.autocast_dtype = None  # what the training step autocasts to (TrainingArguments bf16 / fp16)

@@ -333,3 +333,32 @@ def test_an_unreadable_file_is_named_as_a_problem(tmp_path, uninterrupted, monke
 
     monkeypatch.setattr(zipfile, "ZipFile", unreadable)
     assert checkpoint_problem(out / "checkpoint-8") == "optimizer.pt: unreadable (Permission denied)"
+
+
+def test_one_run_per_output_folder(tmp_path, cache_dir, capsys):
+    """A second run, or a --resume, while a run trains in the folder is refused in one line naming it, before it
+    reads or writes anything there; once that run is killed, its lock is taken over."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "lightweight_small.py"), *argv(out, cache_dir, "--max-steps", "100000",
+                                                                     "--save-every", "1")]
+    with open(tmp_path / "err", "w") as err:
+        first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoint-2").is_dir():
+            time.sleep(0.05)
+        for extra in ([], ["--resume"]):
+            rows = (out / "metrics.jsonl").read_text()
+            with pytest.raises(SystemExit) as e:
+                lightweight_small.main(argv(out, cache_dir, *extra))
+            assert e.value.code == EXIT_BAD_INPUT
+            lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+            assert len(lines) == 1 and f"is in use by lightweight_small (pid {first.pid})" in lines[0], lines
+            assert (out / "metrics.jsonl").read_text().startswith(rows)  # not cut back: the first run goes on
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    newest = step_of(Path(find_checkpoint(out, resume=True)))
+    resumed = lightweight_small.main(argv(out, cache_dir, "--max-steps", str(newest + 1), "--resume"))
+    assert resumed["steps"] == newest + 1
