@@ -19,6 +19,7 @@ from harness.cli import EXIT_SAVE_FAILED, RunEnded
 STAGING = ".staging"  # not "checkpoint-*": transformers' rotation and find_checkpoint never see it
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "pytorch_model_fsdp.bin", "adapter_model.bin")  # one of them: full, LoRA, sharded, FSDP's whole state
+MADE_BY = "made_by.json"  # {"script": ..., "model": ...}: a --resume by another script or model is refused
 OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")  # one of them: plain, FSDP's whole state, sharded
 
 
@@ -121,6 +122,25 @@ def newest_complete(out: Path, quiet: bool = False, before: int | None = None) -
     return None, skipped
 
 
+def made_by(script: str, model: str) -> dict:
+    """What a checkpoint records of the run that made it: the script, and --model (a local folder by its full path)."""
+    return {"script": script, "model": str(Path(model).resolve()) if Path(model).exists() else model}
+
+
+def made_by_another(folder: Path, script: str, model: str) -> str | None:
+    """How the run that made checkpoint `folder` differs from `script` with `model` (None: it does not, or the
+    checkpoint does not say)."""
+    try:
+        theirs = json.loads((folder / MADE_BY).read_text())
+    except (OSError, ValueError):
+        return None
+    ours = made_by(script, model)
+    if not isinstance(theirs, dict) or all(theirs.get(k) == v for k, v in ours.items()):
+        return None
+    return (f"{folder} was made by {theirs.get('script')} with --model {theirs.get('model')}, not by {script} with "
+            f"--model {ours['model']}")
+
+
 def publish(staged: Path, final: Path) -> None:
     """Rename the complete `staged` folder to `final` (atomic on one filesystem). A `final` already there (an
     incomplete one left by an earlier run, which this resumed run replaces) is moved aside first, then deleted."""
@@ -198,6 +218,8 @@ def save_staged(trainer, save, run_dir: Path) -> None:
     trainer.staging = staging
     try:
         save()
+        if trainer.args.should_save:
+            (staging / name / MADE_BY).write_text(json.dumps(trainer.made_by) + "\n")
     except Exception as e:
         if not is_write_failure(e):
             raise

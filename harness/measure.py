@@ -144,6 +144,7 @@ class MeasuringTrainer(Trainer):
         self._paused_seconds = 0.0  # evaluation and checkpoint saving inside the current window
         self.seconds_in = {"eval": 0.0, "save": 0.0}  # over the whole run
         self.staging = None  # where a checkpoint is being written (harness.checkpoints.save_staged)
+        self.made_by = {}  # the script and model, recorded in each checkpoint (harness.checkpoints.made_by)
         trainer = self
 
         class WindowStart(TrainerCallback):

@@ -107,7 +107,7 @@ class Run:
         # one run per folder: taken before --resume reads it, or, for a new folder, once nothing else can refuse
         locked = self.main_process and self.output_dir.is_dir() and held.enter_context(
             lock_output_dir(self.output_dir, script))
-        self.checkpoint = find_checkpoint(args.output_dir, args.resume)
+        self.checkpoint = find_checkpoint(args.output_dir, args.resume, script, args.model)
         self.setup_marks = {"startup": seconds_since_process_start()}  # setup's parts: see setup_parts()
         self.corpus = common.load_corpus(args.corpus, args.cache_dir)
         self.mark("corpus")
@@ -245,6 +245,7 @@ class Run:
         """
         import torch
 
+        from harness.checkpoints import made_by
         from harness.measure import parameter_counts, peak_tflops
         from harness.training import add_run_callbacks, measuring_trainer, train_to_the_end, training_summary
 
@@ -265,6 +266,7 @@ class Run:
         self.trainer = measuring_trainer(model, training_args, train_set, self.eval_set, self.config, args.seq_len,
                                          self.world_size, peak, self.metrics_path, one_batch_shape, evaluate_eagerly,
                                          wandb_on=self.wandb_run is not None)
+        self.trainer.made_by = made_by(self.script, args.model)
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")

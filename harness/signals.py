@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.checkpoints import newest_complete, step_of, write_whole
+from harness.checkpoints import made_by_another, newest_complete, step_of, write_whole
 from harness.cli import EXIT_BAD_INPUT, InputError, RunEnded
 
 
@@ -36,11 +36,11 @@ def earlier_checkpoints(out: Path) -> list[Path]:
         if out.is_dir() else []
 
 
-def find_checkpoint(output_dir, resume: bool) -> str | None:
+def find_checkpoint(output_dir, resume: bool, script: str | None = None, model: str | None = None) -> str | None:
     """For --resume, the newest complete checkpoint in --output-dir (checkpoints.checkpoint_problem: files present
-    and readable, global_step as named), each newer incomplete one named in a line and skipped; without
-    --resume, make sure there is none (a fresh run there would leave an older run's checkpoints for a later
-    --resume to pick up)."""
+    and readable, global_step as named), each newer incomplete one named in a line and skipped; one made by
+    another script or --model than `script` and `model` is refused. Without --resume, make sure there is none (a
+    fresh run there would leave an older run's checkpoints for a later --resume to pick up)."""
     out = Path(output_dir)
     if not resume:
         if earlier_checkpoints(out):
@@ -55,6 +55,9 @@ def find_checkpoint(output_dir, resume: bool) -> str | None:
     if newest is None:
         raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume "
                          f"to start fresh)")
+    other = script is not None and made_by_another(newest, script, model)
+    if other:
+        raise InputError(f"--resume: {other}: resume with that script and --model, or choose another --output-dir")
     return str(newest)
 
 

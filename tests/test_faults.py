@@ -16,7 +16,7 @@ import pytest
 
 import lightweight_small
 from conftest import TINY
-from harness.checkpoints import STAGING, checkpoint_problem, step_of
+from harness.checkpoints import MADE_BY, STAGING, checkpoint_problem, step_of
 from harness.cli import EXIT_BAD_INPUT, EXIT_SAVE_FAILED
 from harness.signals import find_checkpoint
 
@@ -362,3 +362,24 @@ def test_one_run_per_output_folder(tmp_path, cache_dir, capsys):
     newest = step_of(Path(find_checkpoint(out, resume=True)))
     resumed = lightweight_small.main(argv(out, cache_dir, "--max-steps", str(newest + 1), "--resume"))
     assert resumed["steps"] == newest + 1
+
+
+def test_resume_by_another_script_or_model_is_refused_before_anything_is_cut(tmp_path, cache_dir, uninterrupted,
+                                                                             capsys):
+    import lightweight_big
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+    rows = (out / "metrics.jsonl").read_text()
+    assert json.loads((out / "checkpoint-8" / MADE_BY).read_text()) == {"script": "lightweight_small", "model": "tiny"}
+    (out / "checkpoint-6" / MADE_BY).write_text(json.dumps({"script": "lightweight_small", "model": "other/model"}))
+    shutil.rmtree(out / "checkpoint-8")
+    for main, expected in ((lightweight_big.main, "made by lightweight_small with --model other/model, not by "
+                                                  "lightweight_big with --model tiny"),
+                           (lightweight_small.main, "not by lightweight_small with --model tiny")):
+        with pytest.raises(SystemExit) as e:
+            main(argv(out, cache_dir, "--resume"))
+        assert e.value.code == EXIT_BAD_INPUT
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(lines) == 1 and expected in lines[0] and "choose another --output-dir" in lines[0], lines
+        assert (out / "metrics.jsonl").read_text() == rows
