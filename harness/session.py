@@ -251,6 +251,7 @@ class Run:
 
         self.mark("model_and_micro_batch")  # the script's block: model load, quantization, probe, dataset
         args = self.args
+        self.end_if_complete(train_set, training_args.per_device_train_batch_size)
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
         self.autocast_dtype = (torch.bfloat16 if training_args.bf16 else
                                torch.float16 if training_args.fp16 else None)
@@ -281,6 +282,22 @@ class Run:
         if stopped_by is not None:
             self.summary["interrupted"] = stopped_by
         self.summary.update(training_summary(self.trainer, train_seconds, self.world_size))
+
+    def end_if_complete(self, train_set, micro_batch: int) -> None:
+        """A --resume from a checkpoint at this run's last step or past it: one line, exit 0, nothing written (the
+        Trainer would train one more step, at learning rate 0)."""
+        from harness.checkpoints import WEIGHTS, step_of
+
+        steps = self.steps_to_train(train_set, micro_batch)
+        done = step_of(Path(self.checkpoint)) if self.checkpoint else None
+        if done is None or done < steps:
+            return
+        saved = any((self.output_dir / name).exists() for name in WEIGHTS)
+        if self.main_process:
+            print(f"{self.script}: {self.checkpoint} is step {done} of {steps}: the run is complete, nothing to train "
+                  f"(its trained model: {self.output_dir if saved else self.checkpoint}); to train on, raise "
+                  f"--max-steps or --epochs", file=sys.stderr)
+        raise SystemExit(0)
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""

@@ -383,3 +383,15 @@ def test_resume_by_another_script_or_model_is_refused_before_anything_is_cut(tmp
         lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert len(lines) == 1 and expected in lines[0] and "choose another --output-dir" in lines[0], lines
         assert (out / "metrics.jsonl").read_text() == rows
+
+
+def test_resume_of_a_finished_run_trains_no_further(tmp_path, cache_dir, uninterrupted, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main(argv(out, cache_dir, "--resume"))
+    assert e.value.code == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "Loading weights" not in x]
+    assert len(lines) == 1 and "checkpoint-8 is step 8 of 8: the run is complete" in lines[0], lines
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
