@@ -3,10 +3,37 @@ has (checkpoints, Ctrl-C / SIGTERM, --profile), the training itself and what it 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
 
 import common
+from harness.cli import EXIT_DIVERGED, RunEnded
+
+
+class LossDiverged(RunEnded):
+    """The logged loss or gradient norm turned NaN or infinite: training stopped there, exit 5."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class StopWhenDiverged(TrainerCallback):
+    """At a log whose loss or gradient norm is NaN or infinite: stop training before that step's evaluation and
+    checkpoint (its weights are lost already), and keep the step in `diverged_at`. It reads the logged values,
+    already on the host: no synchronization of its own. (The Trainer's NaN filter of the logged loss, on where
+    step_overlap is off, hides a NaN loss; the gradient norm still shows it.)"""
+
+    diverged_at, what = None, None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = [f"{k} {v}" for k, v in (logs or {}).items() if k in ("loss", "grad_norm")
+               and isinstance(v, (int, float)) and not math.isfinite(v)]
+        if bad and self.diverged_at is None:
+            self.diverged_at, self.what = state.global_step, ", ".join(bad)
+            control.should_training_stop, control.should_evaluate, control.should_save = True, False, False
 
 
 def measuring_trainer(model, training_args, train_set, eval_set, config, seq_len: int, processes: int,
@@ -44,6 +71,7 @@ def add_run_callbacks(trainer, script: str, callbacks, save_every: int, save: bo
     trainer.add_callback(no_checkpoint_at_the_end(save_every))  # before the stopper's: see there
     stopper = StopOnSignal(script, save=save, quiet=not main_process, launched="TORCHELASTIC_RUN_ID" in os.environ)
     trainer.add_callback(stopper.callback())
+    trainer.add_callback(StopWhenDiverged())
     if profile_dir and cuda and main_process:
         from harness.profile import ProfileSteps
         trainer.add_callback(ProfileSteps(profile_dir, first=profile_first))
@@ -59,6 +87,7 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
 
     with stopper, tied_embedding_not_reported_missing(model):
         result = train_from_one_that_loads(trainer, checkpoint)
+        end_if_diverged(trainer)
         # finished: every step trained (the same on every process). A signal that came after the last
         # step changes nothing: the model is saved, here where a signal waits for the save to end.
         finished = trainer.state.global_step >= trainer.state.max_steps
@@ -67,6 +96,18 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
                 save_model_staged(trainer)
     stopped = signal.Signals(stopper.signum).name if stopper.signum is not None and not finished else None
     return result.metrics["train_runtime"], stopped
+
+
+def end_if_diverged(trainer) -> None:
+    """LossDiverged, with the step and what to try, where StopWhenDiverged stopped the training."""
+    from harness.checkpoints import kept
+
+    (watch,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, StopWhenDiverged)]
+    if watch.diverged_at is not None:
+        lr = trainer.args.learning_rate
+        raise LossDiverged(f"training diverged at step {watch.diverged_at} ({watch.what}): try a lower --lr than "
+                           f"{lr:g} (e.g. {lr / 10:g}); nothing of that step was saved "
+                           f"({kept(Path(trainer.args.output_dir))})", trainer.is_world_process_zero())
 
 
 def training_summary(trainer, train_seconds: float, processes: int) -> dict:

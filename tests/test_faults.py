@@ -17,7 +17,7 @@ import pytest
 import lightweight_small
 from conftest import TINY
 from harness.checkpoints import MADE_BY, STAGING, checkpoint_problem, step_of
-from harness.cli import EXIT_BAD_INPUT, EXIT_SAVE_FAILED
+from harness.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED
 from harness.signals import find_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -395,3 +395,17 @@ def test_resume_of_a_finished_run_trains_no_further(tmp_path, cache_dir, uninter
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "Loading weights" not in x]
     assert len(lines) == 1 and "checkpoint-8 is step 8 of 8: the run is complete" in lines[0], lines
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_loss_that_diverges_stops_the_run_with_one_line(tmp_path, cache_dir, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # this learning rate: a NaN gradient norm at step 2
+        lightweight_small.main(argv(out, cache_dir, "--lr", "1e4"))
+    assert e.value.code == EXIT_DIVERGED == 5
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "Traceback" not in err and "done" not in err
+    assert "training diverged at step 2 (grad_norm nan" in line and "try a lower --lr than 10000" in line
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2 and checkpoints(out) == []  # checkpoint-2 would hold NaN weights: not saved
+    assert json.loads((out / "summary.json").read_text())["error"].startswith("training diverged at step 2")
