@@ -27,6 +27,14 @@ class InputError(Exception):
     """A problem the user can fix (bad corpus, bad flag value): one line, exit code 2."""
 
 
+def say(line: str) -> None:
+    """`line` on stderr on a line of its own, where a progress bar may be on the last one (a run that fails or
+    stops mid-training leaves the Trainer's bar open): tqdm's write() clears the bar's line first."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 class RunEnded(Exception):
     """A run that cannot go on, for the reason its one line gives: no traceback, exit `exit_code`. The line is
     printed (first process) as it is raised, above the progress bar rather than onto its line; the run then ends
@@ -38,9 +46,7 @@ class RunEnded(Exception):
         super().__init__(message)
         self.message = message
         if main_process:
-            from tqdm import tqdm  # its write() clears the bar's line, prints, and draws the bar again below
-
-            tqdm.write(f"error: {message}", file=sys.stderr)
+            say(f"error: {message}")
 
     def __str__(self):
         return self.message
