@@ -103,7 +103,7 @@ class Run:
         self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
-        self.output_dir = Path(args.output_dir)
+        self.output_dir, self.held = Path(args.output_dir), held
         # one run per folder: taken before --resume reads it, or, for a new folder, once nothing else can refuse
         locked = self.main_process and self.output_dir.is_dir() and held.enter_context(
             lock_output_dir(self.output_dir, script))
@@ -273,6 +273,7 @@ class Run:
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
         stopper = add_run_callbacks(self.trainer, self.script, callbacks, args.save_every, not args.no_checkpoints,
                                     self.main_process, args.profile, args.profile_first, self.cuda)
+        self.held.enter_context(stopper)  # until the run has ended: summary.json and W&B too
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.mark("trainer")

@@ -188,6 +188,7 @@ class StopOnSignal:
     def __init__(self, script: str, save: bool, quiet: bool = False, launched: bool = False):
         self.script, self.save, self.quiet, self.signum, self._previous = script, save, quiet, None, {}
         self.launched = launched  # under torchrun / accelerate launch, which forward the signal
+        self.training = True  # False once training and the final save are over: the run only ends then
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -201,8 +202,9 @@ class StopOnSignal:
         if self.signum is not None and signum == signal.SIGINT:
             os._exit(128 + signum)  # second Ctrl-C: no checkpoint, no cleanup
         self.signum = signum
-        message = (f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
-                   + (" and saving a checkpoint" if self.save else "")
+        message = (f"\n{self.script}: {signal.Signals(signum).name}: "
+                   + ("stopping after this optimizer step" + (" and saving a checkpoint" if self.save else "")
+                      if self.training else "training is over; writing summary.json first")
                    + (" (Ctrl-C again to quit at once)\n" if not self.launched else
                       " (the launcher kills the processes after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, default 30)\n"))
         if not self.quiet:  # under torchrun every process gets the signal: one message is enough

@@ -81,11 +81,12 @@ def add_run_callbacks(trainer, script: str, callbacks, save_every: int, save: bo
 def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool) -> tuple[float, str | None]:
     """(training seconds, the signal that stopped it early or None). A run that trained every step ends by saving the
     trained model, if `save`: weights and config (LoRA runs: the adapters), as `from_pretrained` loads them,
-    counted as save time outside the Trainer's train_runtime."""
+    counted as save time outside the Trainer's train_runtime. `stopper` is entered already, and stays until the
+    run has ended (summary.json, W&B): a signal after the last step defers to that end too."""
     from harness.checkpoints import save_model_staged
     from harness.signals import tied_embedding_not_reported_missing, train_from_one_that_loads
 
-    with stopper, tied_embedding_not_reported_missing(model):
+    with tied_embedding_not_reported_missing(model):
         result = train_from_one_that_loads(trainer, checkpoint)
         end_if_diverged(trainer)
         # finished: every step trained (the same on every process). A signal that came after the last
@@ -94,6 +95,7 @@ def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool
         if finished and save:
             with trainer._paused("save"):  # MeasuringTrainer's own pause: evaluation and saving time
                 save_model_staged(trainer)
+    stopper.training = False
     stopped = signal.Signals(stopper.signum).name if stopper.signum is not None and not finished else None
     return result.metrics["train_runtime"], stopped
 

@@ -23,6 +23,7 @@ def argv(out, cache_dir, *extra):
 def the_one_error_line(err: str) -> str:
     assert "Traceback" not in err, err
     (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert line.startswith("error: "), line  # on a line of its own, not after the progress bar
     return line
 
 
