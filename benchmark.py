@@ -30,7 +30,7 @@ import benchmark_plots
 import benchmark_scale
 import lightweight_big
 import lightweight_small
-from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO
+from harness.cli import EXIT_BAD_INPUT, EXIT_OOM, REPO, folder_problem
 
 RESULTS = REPO / "results"
 SMOKE_RESULTS = REPO / "runs" / "benchmark" / "smoke"  # never the committed results
@@ -294,6 +294,10 @@ def main(argv=None):
     if args.job_warm_runs < 1:
         refuse(f"--job-warm-runs must be at least 1 (got {args.job_warm_runs})")
     results_dir = Path(args.results_dir or (SMOKE_RESULTS if args.smoke else RESULTS))
+    problems = [p for flag, folder in (("--results-dir", results_dir), ("--workdir", Path(args.workdir)))
+                for p in [folder_problem(flag, folder)] if p]  # a file there, or no write access: not a traceback
+    if problems:
+        refuse("; ".join(problems))
     results_dir.mkdir(parents=True, exist_ok=True)
     if args.report:
         return report(results_dir)

@@ -14,7 +14,8 @@
 - cpu_memory: a step's memory on the CPU, activations included, and the micro-batch that fits it
 - micro_batch: the micro-batch that fits the GPU (auto_micro_batch), and LeanerMemory to fit a larger one
 - signals: Ctrl-C / SIGTERM, checkpoints to resume from, no resumable checkpoint at the end
-- checkpoints: checkpoints written whole or not at all, and checked before a resume
+- checkpoints: checkpoints (and every file a run writes) whole or not at all, checked before a resume
+- lock: one run per output folder
 - profile, step_size, clock: --profile, accumulation and steps per epoch, seconds since the process started
 - garbage: Python's garbage collector between optimizer steps (the lightweight scripts' gc_paused)
 """

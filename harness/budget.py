@@ -95,16 +95,39 @@ def available_memory_gib() -> float | None:
     return None
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError: "DefaultCPUAllocator: can't allocate
+    memory") or Python's MemoryError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def oom_message(script: str, budget_gib, peak_gib, estimate: dict | None, rank: int, world_size: int,
                 micro_batch_that_fits: int | None = None) -> str:
     """The one line an out-of-memory run ends with: where, under what budget, what the states need, and the
     micro-batch that fits (0: not even 1; None: not known, nothing said)."""
     budget = f"a {budget_gib:g} GiB budget" if budget_gib else "the GPU's memory"
-    need = ""
-    if estimate is not None:
-        need = (f"; before activations this recipe needs about {sum(estimate.values()):.1f} GiB: "
-                + ", ".join(f"{k} {v:.1f}" for k, v in estimate.items()))
-    where = f" in process {rank} of {world_size}" if world_size > 1 else ""
     fits = ("" if micro_batch_that_fits is None else "; even micro-batch 1 does not fit" if micro_batch_that_fits == 0
             else f"; micro-batch {micro_batch_that_fits} fits (--micro-batch {micro_batch_that_fits})")
-    return f"{script}: out of CUDA memory{where} under {budget} (peak {peak_gib or 0:.1f} GiB reached){need}{fits}"
+    return (f"{script}: out of CUDA memory{in_process(rank, world_size)} under {budget} (peak {peak_gib or 0:.1f} "
+            f"GiB reached){states_need(estimate)}{fits}")
+
+
+def cpu_oom_message(script: str, estimate: dict | None, rank: int, world_size: int) -> str:
+    """The one line a run on the CPU ends with where the machine's memory ran out."""
+    return (f"{script}: out of CPU memory{in_process(rank, world_size)}{states_need(estimate)}; try a smaller "
+            f"--micro-batch or --seq-len, or a machine with more memory")
+
+
+def in_process(rank: int, world_size: int) -> str:
+    """Which process ran out, under a launcher."""
+    return f" in process {rank} of {world_size}" if world_size > 1 else ""
+
+
+def states_need(estimate: dict | None) -> str:
+    """What the states need ("; before activations this recipe needs about N GiB: weights ..."), or "" where
+    there is no estimate."""
+    if estimate is None:
+        return ""
+    return (f"; before activations this recipe needs about {sum(estimate.values()):.1f} GiB: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in estimate.items()))

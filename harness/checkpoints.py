@@ -13,26 +13,22 @@ import sys
 import zipfile
 from pathlib import Path
 
+from harness.cli import EXIT_SAVE_FAILED, RunEnded
+
 
 STAGING = ".staging"  # not "checkpoint-*": transformers' rotation and find_checkpoint never see it
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "pytorch_model_fsdp.bin", "adapter_model.bin")  # one of them: full, LoRA, sharded, FSDP's whole state
+MADE_BY = "made_by.json"  # {"script": ..., "model": ...}: a --resume by another script or model is refused
 OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")  # one of them: plain, FSDP's whole state, sharded
 
 
-class CheckpointNotSaved(Exception):
-    """A save failed (full disk, any OSError): the checkpoint was not published, the earlier ones are whole. Its
-    line is printed (first process) as it is raised; the run then ends as any failure does (summary.json with the
-    error, where the disk still takes it; W&B finished) and exits with code 4 (harness.outcome.finish)."""
+class CheckpointNotSaved(RunEnded):
+    """A write failed (full disk, read-only folder, any OSError): a checkpoint or the trained model was not
+    published, a metrics.jsonl row or summary.json not written. What was whole before stays whole, and the line
+    says what was kept. Exit code 4 (harness.outcome.finish)."""
 
-    def __init__(self, message: str, main_process: bool = True):
-        super().__init__(message)
-        self.message = message
-        if main_process:
-            print(f"error: {message}", file=sys.stderr)
-
-    def __str__(self):
-        return self.message
+    exit_code = EXIT_SAVE_FAILED
 
 
 def step_of(folder: Path) -> int | None:
@@ -58,6 +54,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         state = json.loads((folder / "trainer_state.json").read_text())
     except (ValueError, UnicodeDecodeError):
         return "trainer_state.json does not parse"
+    except OSError as e:
+        return f"trainer_state.json: unreadable ({e.strerror or e})"
     if not isinstance(state, dict) or state.get("global_step") != step_of(folder):
         got = state.get("global_step") if isinstance(state, dict) else None
         return f"trainer_state.json says step {got}, not {step_of(folder)}"
@@ -86,6 +84,8 @@ def file_problem(path: Path) -> str | None:
         return "does not parse"
     except zipfile.BadZipFile:
         return f"cut short or unreadable ({size} bytes)"
+    except OSError as e:  # a file this process may not read
+        return f"unreadable ({e.strerror or e})"
     return None
 
 
@@ -105,11 +105,12 @@ def safetensors_problem(path: Path, size: int) -> str | None:
     return None
 
 
-def newest_complete(out: Path, quiet: bool = False) -> tuple[Path | None, list[Path]]:
-    """(the newest complete checkpoint-N in `out` or None, the newer incomplete ones skipped). Each skipped one
-    is named in one line on stderr (unless quiet). Staging folders are ignored: they never hold a checkpoint-N."""
-    found = sorted((p for p in out.iterdir() if step_of(p) is not None), key=step_of, reverse=True) \
-        if out.is_dir() else []
+def newest_complete(out: Path, quiet: bool = False, before: int | None = None) -> tuple[Path | None, list[Path]]:
+    """(the newest complete checkpoint-N in `out` (N < `before`, if given) or None, the newer incomplete ones
+    skipped). Each skipped one is named in one line on stderr (unless quiet). Staging folders are ignored: they
+    never hold a checkpoint-N."""
+    found = sorted((p for p in out.iterdir() if step_of(p) is not None and (before is None or step_of(p) < before)),
+                   key=step_of, reverse=True) if out.is_dir() else []
     skipped = []
     for folder in found:
         problem = checkpoint_problem(folder)
@@ -119,6 +120,25 @@ def newest_complete(out: Path, quiet: bool = False) -> tuple[Path | None, list[P
         if not quiet:
             print(f"--resume: skipping {folder} (incomplete: {problem})", file=sys.stderr)
     return None, skipped
+
+
+def made_by(script: str, model: str) -> dict:
+    """What a checkpoint records of the run that made it: the script, and --model (a local folder by its full path)."""
+    return {"script": script, "model": str(Path(model).resolve()) if Path(model).exists() else model}
+
+
+def made_by_another(folder: Path, script: str, model: str) -> str | None:
+    """How the run that made checkpoint `folder` differs from `script` with `model` (None: it does not, or the
+    checkpoint does not say)."""
+    try:
+        theirs = json.loads((folder / MADE_BY).read_text())
+    except (OSError, ValueError):
+        return None
+    ours = made_by(script, model)
+    if not isinstance(theirs, dict) or all(theirs.get(k) == v for k, v in ours.items()):
+        return None
+    return (f"{folder} was made by {theirs.get('script')} with --model {theirs.get('model')}, not by {script} with "
+            f"--model {ours['model']}")
 
 
 def publish(staged: Path, final: Path) -> None:
@@ -135,9 +155,50 @@ def publish(staged: Path, final: Path) -> None:
 
 
 def is_write_failure(e: BaseException) -> bool:
-    """An OSError, or torch.save's RuntimeError for one (a full disk: "inline_container.cc ... unexpected pos")."""
+    """An OSError, torch.save's RuntimeError for one (a full disk: "inline_container.cc ... unexpected pos"), or
+    safetensors' SafetensorError for one ("Error while serializing: I/O error: No space left on device")."""
     return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("inline_container", "PytorchStreamWriter", "file write failed", "No space left")))
+        s in str(e) for s in ("inline_container", "PytorchStreamWriter", "file write failed", "No space left"))) or (
+        type(e).__name__ == "SafetensorError" and "I/O error" in str(e))
+
+
+def kept(run_dir: Path) -> str:
+    """What a failed write leaves to go on from: the complete checkpoints in `run_dir`, for the error's line."""
+    whole = [p.name for p in sorted(run_dir.glob("checkpoint-*"), key=lambda p: step_of(p) or -1)
+             if step_of(p) is not None and checkpoint_problem(p) is None] if run_dir.is_dir() else []
+    return (f"kept: {', '.join(whole)} in {run_dir}, to continue from with --resume" if whole else
+            f"no checkpoint in {run_dir} to continue from")
+
+
+def write_whole(path: Path, text: str, run_dir: Path, quiet: bool = False) -> None:
+    """`path` holds `text`, or what it held before: written beside it and renamed over it. A failed write ends the
+    run in one line (CheckpointNotSaved; none where `quiet`: an earlier failure's line said it) and leaves no
+    partial file."""
+    part = path.with_name(f".{path.name}.part")
+    try:
+        with open(part, "w") as f:
+            f.write(text)
+        os.replace(part, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise CheckpointNotSaved(f"could not write {path}: {e.strerror or e} ({path.name} as it was before; "
+                                 f"{kept(run_dir)})", main_process=not quiet) from e
+
+
+def append_line(path: Path, line: str, run_dir: Path) -> None:
+    """`line` appended to `path` whole, or not at all: a failed write is cut off again where the disk allows
+    (what is left of it, a torn last line, is dropped on --resume: harness.signals.restart_metrics). A failure
+    ends the run in one line (CheckpointNotSaved)."""
+    start = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, start)
+        raise CheckpointNotSaved(f"could not append to {path}: {e.strerror or e} (its earlier rows are kept; "
+                                 f"{kept(run_dir)})") from e
 
 
 def save_staged(trainer, save, run_dir: Path) -> None:
@@ -157,6 +218,8 @@ def save_staged(trainer, save, run_dir: Path) -> None:
     trainer.staging = staging
     try:
         save()
+        if trainer.args.should_save:
+            (staging / name / MADE_BY).write_text(json.dumps(trainer.made_by) + "\n")
     except Exception as e:
         if not is_write_failure(e):
             raise
@@ -171,7 +234,7 @@ def save_staged(trainer, save, run_dir: Path) -> None:
         if trainer.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointNotSaved(f"could not save {name}: {error or 'another process failed to write its part'} "
-                                 f"(the earlier checkpoints in {run_dir} are untouched)", trainer.is_world_process_zero())
+                                 f"({kept(run_dir)})", trainer.is_world_process_zero())
     if trainer.args.should_save:
         try:
             publish(staging / name, final)
@@ -180,6 +243,34 @@ def save_staged(trainer, save, run_dir: Path) -> None:
         rotate(run_dir, trainer.args.save_total_limit)
         with contextlib.suppress(OSError):  # empty now; the next save makes it again
             staging.rmdir()
+
+
+def save_model_staged(trainer) -> None:
+    """trainer.save_model() into OUTPUT_DIR/.staging/model, each file checked, then moved into OUTPUT_DIR: no
+    config.json there without its weights. A failed write (any process) raises CheckpointNotSaved; the files of
+    a model saved there before stay as they were."""
+    run_dir = Path(trainer.args.output_dir)
+    staged, main = run_dir / STAGING / "model", trainer.args.should_save
+    if main:
+        shutil.rmtree(staged, ignore_errors=True)  # what a killed save left
+    try:
+        trainer.save_model(str(staged))
+        problem = next((f"{p}: {q}" for p in sorted(staged.iterdir()) if (q := file_problem(p))), None) if main \
+            else None
+        if problem:  # a short write that raised nothing
+            raise OSError(problem)
+        for path in sorted(staged.iterdir()) if main else ():
+            os.replace(path, run_dir / path.name)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise CheckpointNotSaved(f"could not save the trained model in {run_dir}: {e} (none of its files was put "
+                                 f"there; {kept(run_dir)})", trainer.is_world_process_zero()) from e
+    finally:
+        if main:
+            shutil.rmtree(staged, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()
 
 
 def rotate(run_dir: Path, keep: int | None) -> None:

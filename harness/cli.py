@@ -19,11 +19,37 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
-EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (full disk, any OSError): the earlier ones stay
+EXIT_SAVE_FAILED = 4  # a file of the run could not be written (full disk, any OSError): what was whole stays
+EXIT_DIVERGED = 5  # the loss turned NaN or infinite
 
 
 class InputError(Exception):
     """A problem the user can fix (bad corpus, bad flag value): one line, exit code 2."""
+
+
+def say(line: str) -> None:
+    """`line` on stderr on a line of its own, where a progress bar may be on the last one (a run that fails or
+    stops mid-training leaves the Trainer's bar open): tqdm's write() clears the bar's line first."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+class RunEnded(Exception):
+    """A run that cannot go on, for the reason its one line gives: no traceback, exit `exit_code`. The line is
+    printed (first process) as it is raised, above the progress bar rather than onto its line; the run then ends
+    as any failure does (summary.json with the error, where the disk still takes it; W&B finished)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, main_process: bool = True):
+        super().__init__(message)
+        self.message = message
+        if main_process:
+            say(f"error: {message}")
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ import torch
 from accelerate import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback
 
-from harness.checkpoints import save_staged
+from harness.checkpoints import append_line, save_staged
 from harness.clock import seconds_since_process_start
+from harness.signals import restart_metrics
 
 GIB = 2**30
 # Dense bf16 tensor-core peaks in TFLOP/s (no sparsity, fp32 accumulate), by a part of the GPU's name, first
@@ -135,7 +136,7 @@ class MeasuringTrainer(Trainer):
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
         self.metrics_path = metrics_path  # None on every process but the first
-        self.tokens_trained = 0
+        self.tokens_trained = self.tokens_before = 0  # before: trained up to the checkpoint resumed from
         self.windows = []  # (end_step, tokens, seconds) per training log
         self._pending_tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
         self._window_start = None
@@ -143,11 +144,15 @@ class MeasuringTrainer(Trainer):
         self._paused_seconds = 0.0  # evaluation and checkpoint saving inside the current window
         self.seconds_in = {"eval": 0.0, "save": 0.0}  # over the whole run
         self.staging = None  # where a checkpoint is being written (harness.checkpoints.save_staged)
+        self.made_by = {}  # the script and model, recorded in each checkpoint (harness.checkpoints.made_by)
         trainer = self
 
         class WindowStart(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):  # after a resumed state is loaded
                 trainer._window_start, trainer._window_step = time.perf_counter(), state.global_step
+                # metrics.jsonl cut back to the step actually resumed from (not an earlier try's: see signals)
+                trainer.tokens_trained = trainer.tokens_before = restart_metrics(
+                    trainer.metrics_path, state.global_step or None) if trainer.metrics_path is not None else 0
 
         self.add_callback(WindowStart())
         self.step_ends = StepEnds()
@@ -209,9 +214,9 @@ class MeasuringTrainer(Trainer):
                 logs["mfu"] = mfu
         logs["job_seconds"] = seconds_since_process_start()  # for loss against wall-clock time
         logs.update(memory)
-        if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+        if self.metrics_path is not None:  # a failed write ends the run in one line, exit 4
+            append_line(self.metrics_path, json.dumps({"step": self.state.global_step, **logs}) + "\n",
+                        self.metrics_path.parent)
         super().log(logs, start_time)
 
     def _gather_tokens_and_memory(self, window_tokens: bool) -> tuple[int | None, dict]:

@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.cli import EXIT_OOM, EXIT_SAVE_FAILED
+from harness.checkpoints import CheckpointNotSaved, write_whole
+from harness.cli import EXIT_OOM, RunEnded, say
 from harness.clock import seconds_since_process_start
 
 
@@ -22,12 +23,12 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
     as the outcome says (or return). A crash other than running out of memory is raised again, with its traceback."""
     import torch
 
-    from harness.checkpoints import CheckpointNotSaved
+    from harness.budget import out_of_memory
 
     summary, crash = run.summary, None
-    if isinstance(failure, torch.OutOfMemoryError):
+    if out_of_memory(failure):  # CUDA's or the CPU's
         summary["oom"] = True
-    elif isinstance(failure, CheckpointNotSaved):  # its line is printed; no traceback
+    elif isinstance(failure, RunEnded):  # its line is printed; no traceback
         summary["error"] = str(failure)
     elif failure is not None:
         crash = failure
@@ -45,18 +46,17 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
         summary["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries")
     if summary["oom"]:  # after the peak and the retries are read: the probe makes its own
         summary["micro_batch_that_fits"] = micro_batch_after_oom(run, failure)
-        summary["oom_message"] = oom_line(run)
+        summary["oom_message"] = oom_line(run, failure)
     summary["job_seconds"] = seconds_since_process_start()  # until summary.json is written
     try:
-        write_summary(summary, run.output_dir, run.rank, failure is not None, run.wandb_run, run.script)
-    except OSError:
-        if not isinstance(failure, CheckpointNotSaved):
-            raise  # else the disk that refused the checkpoint refused summary.json too: the exit code says it
+        write_summary(summary, run.output_dir, run.rank, failure, run.wandb_run, run.script)
+    except CheckpointNotSaved as e:  # its line is printed; a failure before it keeps its own exit code
+        failure = failure if isinstance(failure, RunEnded) or summary["oom"] or crash else e
     run.trainer = run.model = None
     if crash is not None:
         raise crash
-    if isinstance(failure, CheckpointNotSaved):
-        raise SystemExit(EXIT_SAVE_FAILED)
+    if isinstance(failure, RunEnded):
+        raise SystemExit(failure.exit_code)
     exit_as_the_outcome_says(summary, run.script, run.main_process, run.world_size, not run.args.no_checkpoints, argv)
 
 
@@ -80,11 +80,16 @@ def micro_batch_after_oom(run, failure: BaseException) -> int | None:
         return None
 
 
-def oom_line(run) -> str:
-    """The line `run` ends with after running out of memory (harness.budget.oom_message)."""
-    from harness.budget import oom_message, state_memory_estimate_gib
+def oom_line(run, failure: BaseException) -> str:
+    """The line `run` ends with after running out of memory: CUDA's (harness.budget.oom_message) or, where the
+    failure is not CUDA's OutOfMemoryError, the CPU's, on a GPU machine too."""
+    import torch
+
+    from harness.budget import cpu_oom_message, oom_message, state_memory_estimate_gib
 
     estimate = state_memory_estimate_gib(run.model, run.optim) if run.model is not None else None
+    if not isinstance(failure, torch.OutOfMemoryError):
+        return cpu_oom_message(run.script, estimate, run.rank, run.world_size)
     return oom_message(run.script, run.args.gpu_memory_gib, run.summary["peak_memory_gib"], estimate, run.rank,
                        run.world_size, run.summary.get("micro_batch_that_fits"))
 
@@ -103,16 +108,21 @@ def peak_memory_gib(cuda: bool, processes: int, device, all_processes_alive: boo
     return peak
 
 
-def write_summary(summary: dict, output_dir: Path, rank: int, failed: bool, wandb_run, script: str) -> None:
+def write_summary(summary: dict, output_dir: Path, rank: int, failure, wandb_run, script: str) -> None:
     """summary.json from the first process (rank 0), summary-rank{rank}.json from another that failed (the first may
-    never get to write its own); the W&B run, if one was started, ends with the summary."""
+    never get to write its own); the W&B run, if one was started, ends with the summary. A failed write raises
+    CheckpointNotSaved, with its own line unless the `failure` that ended the run printed one."""
     from harness.wandb_run import finish_wandb
 
-    if rank == 0 or failed:
-        name = "summary.json" if rank == 0 else f"summary-rank{rank}.json"
-        (output_dir / name).write_text(json.dumps(summary, indent=2) + "\n")
-    if wandb_run is not None:
-        finish_wandb(wandb_run, summary, failed, script)
+    failed = failure is not None
+    try:
+        if rank == 0 or failed:  # whole or as before: a full disk leaves no 0-byte summary.json
+            name = "summary.json" if rank == 0 else f"summary-rank{rank}.json"
+            write_whole(output_dir / name, json.dumps(summary, indent=2) + "\n", output_dir,
+                        quiet=isinstance(failure, RunEnded))
+    finally:
+        if wandb_run is not None:
+            finish_wandb(wandb_run, summary, failed, script)
 
 
 def exit_as_the_outcome_says(summary: dict, script: str, main_process: bool, processes: int, saved: bool,
@@ -120,7 +130,7 @@ def exit_as_the_outcome_says(summary: dict, script: str, main_process: bool, pro
     """Exit 3 after an out-of-memory, 128 + signal after Ctrl-C / SIGTERM; else print the results (first
     process). `saved`: checkpoints were saved, so the run can be resumed."""
     if summary["oom"]:
-        print(summary["oom_message"], file=sys.stderr)
+        say(summary["oom_message"])
         raise SystemExit(EXIT_OOM)
     if "interrupted" in summary:
         again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]

@@ -20,6 +20,7 @@ import common
 from harness import step_size
 from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
+from harness.lock import lock_output_dir
 from harness.micro_batch import LeanerMemory
 from harness.outcome import end_the_process, finish
 from harness.signals import find_checkpoint
@@ -30,12 +31,14 @@ def session(script: str, model: str, techniques: dict, argv=None, **sizes):
     """Yield a `Run` for `script` (defaults: `model`, `sizes`) as the command line `argv` asks."""
     startup_seconds = seconds_since_process_start()  # interpreter, imports
     args, on = parse_args(script, model, techniques, sizes, argv)
-    with collector_as_it_was():  # an at_start may pause Python's garbage collector (the lightweight scripts' gc_paused)
+    # an at_start may pause Python's garbage collector (the lightweight scripts' gc_paused); `held`: what the run
+    # holds until it ends, however it ends (the output folder's lock)
+    with collector_as_it_was(), contextlib.ExitStack() as held:
         for name, technique in techniques.items():
             if technique.at_start is not None and on(name):
                 technique.at_start()
         try:
-            run = Run(script, model, args, on)
+            run = Run(script, model, args, on, held)
         except InputError as e:
             refuse("\n".join(f"{script}: error: {problem}" for problem in str(e).splitlines()))  # exit 2; under
             # torchrun printed by the first process only
@@ -93,14 +96,18 @@ def interrupted(script: str):
 class Run:
     """What a script's block works with (args, on, device, tokenizer, records, weights) and `train()`."""
 
-    def __init__(self, script: str, model: str, args, on):
+    def __init__(self, script: str, model: str, args, on, held: contextlib.ExitStack):
         self.script, self.args, self.on = script, args, on
         # torchrun and `accelerate launch` describe the process group in the environment; one process: 1, 0, 0
         self.world_size = processes_in_launch()
         self.rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         self.main_process = self.rank == 0  # the one that writes metrics.jsonl, summary.json and the W&B run
         validate_args(args, on, self.world_size)
-        self.checkpoint = find_checkpoint(args.output_dir, args.resume)
+        self.output_dir, self.held = Path(args.output_dir), held
+        # one run per folder: taken before --resume reads it, or, for a new folder, once nothing else can refuse
+        locked = self.main_process and self.output_dir.is_dir() and held.enter_context(
+            lock_output_dir(self.output_dir, script))
+        self.checkpoint = find_checkpoint(args.output_dir, args.resume, script, args.model)
         self.setup_marks = {"startup": seconds_since_process_start()}  # setup's parts: see setup_parts()
         self.corpus = common.load_corpus(args.corpus, args.cache_dir)
         self.mark("corpus")
@@ -142,7 +149,8 @@ class Run:
                 "tokens, tokens/s and MFU: total over the processes (MFU per GPU); memory: the maximum over the "
                 "processes, each on its own GPU" if self.cuda else
                 "tokens and tokens/s: total over the processes; no memory or MFU figures on the CPU")
-        self.output_dir = Path(args.output_dir)
+        if self.main_process and not locked:
+            held.enter_context(lock_output_dir(self.output_dir, script))
         self.metrics_path = self.output_dir / "metrics.jsonl" if self.main_process else None
         self.trainer = self.wandb_run = self.model = self.train_started = None
         self.autocast_dtype = None  # what the training step autocasts to (TrainingArguments bf16 / fp16)
@@ -239,13 +247,13 @@ class Run:
         """
         import torch
 
-        from harness.checkpoints import step_of
+        from harness.checkpoints import made_by
         from harness.measure import parameter_counts, peak_tflops
-        from harness.signals import restart_metrics
         from harness.training import add_run_callbacks, measuring_trainer, train_to_the_end, training_summary
 
         self.mark("model_and_micro_batch")  # the script's block: model load, quantization, probe, dataset
         args = self.args
+        self.end_if_complete(train_set, training_args.per_device_train_batch_size)
         self.model, self.optim = model, str(getattr(training_args.optim, "value", training_args.optim))
         self.autocast_dtype = (torch.bfloat16 if training_args.bf16 else
                                torch.float16 if training_args.fp16 else None)
@@ -253,8 +261,6 @@ class Run:
                             micro_batch_reason=self.micro_batch_reason,
                             gradient_accumulation=training_args.gradient_accumulation_steps,
                             techniques=self.on.names_on(), techniques_skipped=dict(self.on.skipped))  # as decided
-        resume_step = step_of(Path(self.checkpoint)) if self.checkpoint else None
-        tokens_before = restart_metrics(self.metrics_path, resume_step) if self.main_process else 0
         self.summary["trainable_params"], self.summary["total_params"] = parameter_counts(model)
         self.start_wandb(training_args)
         self.mark("wandb")
@@ -263,12 +269,13 @@ class Run:
         self.trainer = measuring_trainer(model, training_args, train_set, self.eval_set, self.config, args.seq_len,
                                          self.world_size, peak, self.metrics_path, one_batch_shape, evaluate_eagerly,
                                          wandb_on=self.wandb_run is not None)
-        self.trainer.tokens_trained = tokens_before
+        self.trainer.made_by = made_by(self.script, args.model)
         self.summary["parallelism"] = (  # accelerate's MULTI_GPU (DDP), FSDP, MULTI_CPU (gloo); it says MULTI_CPU
             self.trainer.accelerator.distributed_type.value if self.world_size > 1  # for one CPU process too
             else f"none (one process on the {'GPU' if self.cuda else 'CPU'})")
         stopper = add_run_callbacks(self.trainer, self.script, callbacks, args.save_every, not args.no_checkpoints,
                                     self.main_process, args.profile, args.profile_first, self.cuda)
+        self.held.enter_context(stopper)  # until the run has ended: summary.json and W&B too
         if self.cuda:
             torch.cuda.reset_accumulated_memory_stats()  # count the allocator's retries in training only
         self.mark("trainer")
@@ -277,7 +284,23 @@ class Run:
                                                      save=not args.no_checkpoints)
         if stopped_by is not None:
             self.summary["interrupted"] = stopped_by
-        self.summary.update(training_summary(self.trainer, train_seconds, tokens_before, self.world_size))
+        self.summary.update(training_summary(self.trainer, train_seconds, self.world_size))
+
+    def end_if_complete(self, train_set, micro_batch: int) -> None:
+        """A --resume from a checkpoint at this run's last step or past it: one line, exit 0, nothing written (the
+        Trainer would train one more step, at learning rate 0)."""
+        from harness.checkpoints import WEIGHTS, step_of
+
+        steps = self.steps_to_train(train_set, micro_batch)
+        done = step_of(Path(self.checkpoint)) if self.checkpoint else None
+        if done is None or done < steps:
+            return
+        saved = any((self.output_dir / name).exists() for name in WEIGHTS)
+        if self.main_process:
+            print(f"{self.script}: {self.checkpoint} is step {done} of {steps}: the run is complete, nothing to train "
+                  f"(its trained model: {self.output_dir if saved else self.checkpoint}); to train on, raise "
+                  f"--max-steps or --epochs", file=sys.stderr)
+        raise SystemExit(0)
 
     def start_wandb(self, training_args) -> None:
         """Print the run's line and start W&B with the whole configuration (first process only)."""

@@ -10,8 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.checkpoints import newest_complete, step_of
-from harness.cli import InputError
+from harness.checkpoints import made_by_another, newest_complete, step_of, write_whole
+from harness.cli import EXIT_BAD_INPUT, InputError, RunEnded
 
 
 def no_checkpoint_at_the_end(save_every: int):
@@ -36,11 +36,11 @@ def earlier_checkpoints(out: Path) -> list[Path]:
         if out.is_dir() else []
 
 
-def find_checkpoint(output_dir, resume: bool) -> str | None:
+def find_checkpoint(output_dir, resume: bool, script: str | None = None, model: str | None = None) -> str | None:
     """For --resume, the newest complete checkpoint in --output-dir (checkpoints.checkpoint_problem: files present
-    and readable, global_step as named), each newer incomplete one named in a line and skipped; without
-    --resume, make sure there is none (a fresh run there would leave an older run's checkpoints for a later
-    --resume to pick up)."""
+    and readable, global_step as named), each newer incomplete one named in a line and skipped; one made by
+    another script or --model than `script` and `model` is refused. Without --resume, make sure there is none (a
+    fresh run there would leave an older run's checkpoints for a later --resume to pick up)."""
     out = Path(output_dir)
     if not resume:
         if earlier_checkpoints(out):
@@ -55,17 +55,90 @@ def find_checkpoint(output_dir, resume: bool) -> str | None:
     if newest is None:
         raise InputError(f"--resume: no complete checkpoint-N folder in {out} to resume from (run without --resume "
                          f"to start fresh)")
+    other = script is not None and made_by_another(newest, script, model)
+    if other:
+        raise InputError(f"--resume: {other}: resume with that script and --model, or choose another --output-dir")
     return str(newest)
+
+
+class NoCheckpointLoads(RunEnded):
+    """--resume found complete checkpoints, and none of them loads: exit 2, as where none is complete."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def train_from_one_that_loads(trainer, checkpoint: str | None):
+    """trainer.train() resumed from `checkpoint`, or, where it does not load (any error before the first step
+    begins: weights, trainer_state.json, optimizer, scheduler or RNG state), from the newest complete one before
+    it, each that failed named in one line; none loads: NoCheckpointLoads. The Trainer is trained again in place
+    (as transformers' own auto_find_batch_size retries it): the older checkpoint's load replaces everything the
+    failed one loaded. One process only: under a launcher a failure is raised as it is."""
+    from harness.budget import out_of_memory
+
+    while True:
+        mark = first_step_mark()
+        trainer.add_callback(mark)
+        try:
+            return trainer.train(resume_from_checkpoint=checkpoint)
+        except Exception as e:
+            if checkpoint is None or mark.began or out_of_memory(e) or trainer.args.world_size > 1:
+                raise
+            checkpoint = older_checkpoint(Path(checkpoint), f"{type(e).__name__}: {e}")
+        finally:
+            trainer.remove_callback(mark)
+
+
+def older_checkpoint(failed: Path, error: str) -> str:
+    """After `failed` did not load (`error`, first line): the newest complete checkpoint before it."""
+    print(f"--resume: skipping {failed} (does not load: {error.strip().splitlines()[0][:300]})", file=sys.stderr)
+    older, _ = newest_complete(failed.parent, before=step_of(failed))
+    if older is None:
+        raise NoCheckpointLoads(f"--resume: no checkpoint in {failed.parent} loads; to start fresh, delete the "
+                                f"checkpoint-N folders or choose another --output-dir, and run without --resume")
+    return str(older)
+
+
+def first_step_mark():
+    """A TrainerCallback whose `began` turns True as the first step begins: the checkpoint has loaded by then."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        began = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = True
+
+    return FirstStep()
 
 
 def restart_metrics(path: Path, resume_step: int | None) -> int:
     """Start metrics.jsonl afresh, or on resume keep the rows up to the checkpoint's step (later rows will be
     logged again) but the interrupted run's end-of-training row (train_runtime, ...): the resumed run writes
-    its own at the end. Returns the tokens trained up to there."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    kept = [r for r in rows if resume_step is not None and r["step"] <= resume_step and "train_runtime" not in r]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    its own at the end. A row cut short by a failed write, or with no step, is dropped with one line. The file is
+    rewritten whole (harness.checkpoints.write_whole). Returns the tokens trained up to there."""
+    rows, torn = readable_rows(path) if resume_step is not None else ([], [])
+    if torn:
+        print(f"--resume: dropping {len(torn)} unreadable row(s) of {path} (line {', '.join(map(str, torn))}: cut "
+              f"short by a failed write, or without a step)", file=sys.stderr)
+    kept = [r for r in rows if r["step"] <= resume_step and "train_runtime" not in r]
+    write_whole(path, "".join(json.dumps(r) + "\n" for r in kept), path.parent)
     return max((r["tokens_trained"] for r in kept if "tokens_trained" in r), default=0)
+
+
+def readable_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """(metrics.jsonl's rows that parse and have an integer step, the line numbers of those that do not)."""
+    rows, torn = [], []
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = {}
+        if row is not None and isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif row is not None:
+            torn.append(number)
+    return rows, torn
 
 
 @contextlib.contextmanager
@@ -115,6 +188,7 @@ class StopOnSignal:
     def __init__(self, script: str, save: bool, quiet: bool = False, launched: bool = False):
         self.script, self.save, self.quiet, self.signum, self._previous = script, save, quiet, None, {}
         self.launched = launched  # under torchrun / accelerate launch, which forward the signal
+        self.training = True  # False once training and the final save are over: the run only ends then
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -128,8 +202,9 @@ class StopOnSignal:
         if self.signum is not None and signum == signal.SIGINT:
             os._exit(128 + signum)  # second Ctrl-C: no checkpoint, no cleanup
         self.signum = signum
-        message = (f"\n{self.script}: {signal.Signals(signum).name}: stopping after this optimizer step"
-                   + (" and saving a checkpoint" if self.save else "")
+        message = (f"\n{self.script}: {signal.Signals(signum).name}: "
+                   + ("stopping after this optimizer step" + (" and saving a checkpoint" if self.save else "")
+                      if self.training else "training is over; writing summary.json first")
                    + (" (Ctrl-C again to quit at once)\n" if not self.launched else
                       " (the launcher kills the processes after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, default 30)\n"))
         if not self.quiet:  # under torchrun every process gets the signal: one message is enough

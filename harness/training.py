@@ -3,10 +3,37 @@ has (checkpoints, Ctrl-C / SIGTERM, --profile), the training itself and what it 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
 
 import common
+from harness.cli import EXIT_DIVERGED, RunEnded
+
+
+class LossDiverged(RunEnded):
+    """The logged loss or gradient norm turned NaN or infinite: training stopped there, exit 5."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class StopWhenDiverged(TrainerCallback):
+    """At a log whose loss or gradient norm is NaN or infinite: stop training before that step's evaluation and
+    checkpoint (its weights are lost already), and keep the step in `diverged_at`. It reads the logged values,
+    already on the host: no synchronization of its own. (The Trainer's NaN filter of the logged loss, on where
+    step_overlap is off, hides a NaN loss; the gradient norm still shows it.)"""
+
+    diverged_at, what = None, None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = [f"{k} {v}" for k, v in (logs or {}).items() if k in ("loss", "grad_norm")
+               and isinstance(v, (int, float)) and not math.isfinite(v)]
+        if bad and self.diverged_at is None:
+            self.diverged_at, self.what = state.global_step, ", ".join(bad)
+            control.should_training_stop, control.should_evaluate, control.should_save = True, False, False
 
 
 def measuring_trainer(model, training_args, train_set, eval_set, config, seq_len: int, processes: int,
@@ -44,6 +71,7 @@ def add_run_callbacks(trainer, script: str, callbacks, save_every: int, save: bo
     trainer.add_callback(no_checkpoint_at_the_end(save_every))  # before the stopper's: see there
     stopper = StopOnSignal(script, save=save, quiet=not main_process, launched="TORCHELASTIC_RUN_ID" in os.environ)
     trainer.add_callback(stopper.callback())
+    trainer.add_callback(StopWhenDiverged())
     if profile_dir and cuda and main_process:
         from harness.profile import ProfileSteps
         trainer.add_callback(ProfileSteps(profile_dir, first=profile_first))
@@ -53,43 +81,45 @@ def add_run_callbacks(trainer, script: str, callbacks, save_every: int, save: bo
 def train_to_the_end(trainer, model, stopper, checkpoint: str | None, save: bool) -> tuple[float, str | None]:
     """(training seconds, the signal that stopped it early or None). A run that trained every step ends by saving the
     trained model, if `save`: weights and config (LoRA runs: the adapters), as `from_pretrained` loads them,
-    counted as save time outside the Trainer's train_runtime."""
-    from harness.signals import tied_embedding_not_reported_missing
+    counted as save time outside the Trainer's train_runtime. `stopper` is entered already, and stays until the
+    run has ended (summary.json, W&B): a signal after the last step defers to that end too."""
+    from harness.checkpoints import save_model_staged
+    from harness.signals import tied_embedding_not_reported_missing, train_from_one_that_loads
 
-    with stopper, tied_embedding_not_reported_missing(model):
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    with tied_embedding_not_reported_missing(model):
+        result = train_from_one_that_loads(trainer, checkpoint)
+        end_if_diverged(trainer)
         # finished: every step trained (the same on every process). A signal that came after the last
         # step changes nothing: the model is saved, here where a signal waits for the save to end.
         finished = trainer.state.global_step >= trainer.state.max_steps
         if finished and save:
             with trainer._paused("save"):  # MeasuringTrainer's own pause: evaluation and saving time
-                save_trained_model(trainer)
+                save_model_staged(trainer)
+    stopper.training = False
     stopped = signal.Signals(stopper.signum).name if stopper.signum is not None and not finished else None
     return result.metrics["train_runtime"], stopped
 
 
-def save_trained_model(trainer) -> None:
-    """trainer.save_model(); a full disk or any failed write ends the run as a failed checkpoint save does (one
-    line, exit 4), not with a traceback."""
-    from harness.checkpoints import CheckpointNotSaved, is_write_failure
+def end_if_diverged(trainer) -> None:
+    """LossDiverged, with the step and what to try, where StopWhenDiverged stopped the training."""
+    from harness.checkpoints import kept
 
-    try:
-        trainer.save_model()
-    except Exception as e:
-        if not is_write_failure(e):
-            raise
-        raise CheckpointNotSaved(f"could not save the trained model in {trainer.args.output_dir}: {e}",
-                                 trainer.is_world_process_zero()) from e
+    (watch,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, StopWhenDiverged)]
+    if watch.diverged_at is not None:
+        lr = trainer.args.learning_rate
+        raise LossDiverged(f"training diverged at step {watch.diverged_at} ({watch.what}): try a lower --lr than "
+                           f"{lr:g} (e.g. {lr / 10:g}); nothing of that step was saved "
+                           f"({kept(Path(trainer.args.output_dir))})", trainer.is_world_process_zero())
 
 
-def training_summary(trainer, train_seconds: float, tokens_before: int, processes: int) -> dict:
+def training_summary(trainer, train_seconds: float, processes: int) -> dict:
     """What training measured, for summary.json: time, tokens, tokens/s, losses, steps, compile, evaluation, saving."""
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     summary = dict(
         train_seconds=train_seconds, tokens_trained=trainer.tokens_trained,
-        tokens_per_second=(trainer.tokens_trained - tokens_before) / train_seconds,
+        tokens_per_second=(trainer.tokens_trained - trainer.tokens_before) / train_seconds,
         # warm-up: 10 steps where the run is long enough; transformers' Trainer compiling the whole model (the
         # peer-trainer_compile row) compiles again in steps 6-10, at 3.2 s a step against 0.2 s later
         steady_tokens_per_second=trainer.steady_tokens_per_second(warmup_steps=min(10, trainer.state.max_steps // 3)),

@@ -99,3 +99,13 @@ def test_where_the_files_went_is_no_part_of_a_blocks_command(tmp_path, monkeypat
                     "--workdir", str(tmp_path / "w")])
     block = json.loads((tmp_path / "benchmark.json").read_text())["commands"]["small"]
     assert block["command"] == "python benchmark.py --smoke --only small --runs before_small"
+
+
+def test_a_results_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "results").write_text("")
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(["--smoke", "--only", "small", "--results-dir", str(tmp_path / "results"), "--workdir",
+                        str(tmp_path / "w")])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"benchmark.py: error: --results-dir {tmp_path / 'results'}: "
+                                               f"{tmp_path / 'results'} is a file")

@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import lightweight_small
 from conftest import TINY
-from harness.checkpoints import STAGING, checkpoint_problem, step_of
-from harness.cli import EXIT_BAD_INPUT, EXIT_SAVE_FAILED
+from harness.checkpoints import MADE_BY, STAGING, checkpoint_problem, step_of
+from harness.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED
 from harness.signals import find_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,3 +274,139 @@ def test_full_disk_at_the_final_save_exits_4_with_one_line(tmp_path, cache_dir, 
     assert "could not save the trained model" in line and "No space left on device" in line
     assert "Traceback" not in err
     assert json.loads((out / "summary.json").read_text())["error"].startswith("could not save the trained model")
+
+
+def damage_that_passes_the_check(folder: Path, how: str) -> None:
+    """Damage a checkpoint so that it looks complete (checkpoint_problem: None) and still does not load."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if how == "unknown-key":  # TrainerState(**state): an unexpected keyword argument
+        (folder / "trainer_state.json").write_text(json.dumps({**state, "from_a_later_version": 1}))
+    elif how == "only-global-step":
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": state["global_step"]}))
+    else:  # a zip whose pickle is garbage: torch.load fails, the zip's directory is intact
+        path = folder / how
+        with zipfile.ZipFile(path) as z:
+            members = {name: z.read(name) for name in z.namelist()}
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, b"garbage" if name.endswith("data.pkl") else data)
+    assert checkpoint_problem(folder) is None
+
+
+@pytest.mark.parametrize("how", ["unknown-key", "only-global-step", "optimizer.pt", "rng_state.pth"])
+def test_resume_falls_back_past_a_checkpoint_that_does_not_load(how, tmp_path, cache_dir, uninterrupted, capsys):
+    straight, folder = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(folder, out)
+    damage_that_passes_the_check(out / "checkpoint-8", how)
+    summary = lightweight_small.main(argv(out, cache_dir, "--max-steps", "10", "--resume"))  # 8: complete
+    err = capsys.readouterr().err
+    assert summary["steps"] == 10 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "skipping" in x]
+    assert f"skipping {out / 'checkpoint-8'} (does not load: " in line
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, 11))
+    # step 7's loss: checkpoint-6's weights on step 7's data, as in the straight run (later steps follow a schedule
+    # stretched to 10 steps)
+    assert resumed[7] == pytest.approx(straight[7], rel=1e-5, abs=1e-6)
+
+
+def test_resume_where_no_checkpoint_loads_exits_2_in_one_line(tmp_path, cache_dir, uninterrupted, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+    for name in ("checkpoint-6", "checkpoint-8"):
+        damage_that_passes_the_check(out / name, "unknown-key")
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main(argv(out, cache_dir, "--max-steps", "10", "--resume"))
+    assert e.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and sum("does not load" in x for x in err.splitlines()) == 2
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "no checkpoint in" in line and "loads" in line and "without --resume" in line
+
+
+def test_an_unreadable_file_is_named_as_a_problem(tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+
+    def unreadable(path, *a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(zipfile, "ZipFile", unreadable)
+    assert checkpoint_problem(out / "checkpoint-8") == "optimizer.pt: unreadable (Permission denied)"
+
+
+def test_one_run_per_output_folder(tmp_path, cache_dir, capsys):
+    """A second run, or a --resume, while a run trains in the folder is refused in one line naming it, before it
+    reads or writes anything there; once that run is killed, its lock is taken over."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "lightweight_small.py"), *argv(out, cache_dir, "--max-steps", "100000",
+                                                                     "--save-every", "1")]
+    with open(tmp_path / "err", "w") as err:
+        first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoint-2").is_dir():
+            time.sleep(0.05)
+        for extra in ([], ["--resume"]):
+            rows = (out / "metrics.jsonl").read_text()
+            with pytest.raises(SystemExit) as e:
+                lightweight_small.main(argv(out, cache_dir, *extra))
+            assert e.value.code == EXIT_BAD_INPUT
+            lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+            assert len(lines) == 1 and f"is in use by lightweight_small (pid {first.pid})" in lines[0], lines
+            assert (out / "metrics.jsonl").read_text().startswith(rows)  # not cut back: the first run goes on
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    newest = step_of(Path(find_checkpoint(out, resume=True)))
+    resumed = lightweight_small.main(argv(out, cache_dir, "--max-steps", str(newest + 1), "--resume"))
+    assert resumed["steps"] == newest + 1
+
+
+def test_resume_by_another_script_or_model_is_refused_before_anything_is_cut(tmp_path, cache_dir, uninterrupted,
+                                                                             capsys):
+    import lightweight_big
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+    rows = (out / "metrics.jsonl").read_text()
+    assert json.loads((out / "checkpoint-8" / MADE_BY).read_text()) == {"script": "lightweight_small", "model": "tiny"}
+    (out / "checkpoint-6" / MADE_BY).write_text(json.dumps({"script": "lightweight_small", "model": "other/model"}))
+    shutil.rmtree(out / "checkpoint-8")
+    for main, expected in ((lightweight_big.main, "made by lightweight_small with --model other/model, not by "
+                                                  "lightweight_big with --model tiny"),
+                           (lightweight_small.main, "not by lightweight_small with --model tiny")):
+        with pytest.raises(SystemExit) as e:
+            main(argv(out, cache_dir, "--resume"))
+        assert e.value.code == EXIT_BAD_INPUT
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(lines) == 1 and expected in lines[0] and "choose another --output-dir" in lines[0], lines
+        assert (out / "metrics.jsonl").read_text() == rows
+
+
+def test_resume_of_a_finished_run_trains_no_further(tmp_path, cache_dir, uninterrupted, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        lightweight_small.main(argv(out, cache_dir, "--resume"))
+    assert e.value.code == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "Loading weights" not in x]
+    assert len(lines) == 1 and "checkpoint-8 is step 8 of 8: the run is complete" in lines[0], lines
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_loss_that_diverges_stops_the_run_with_one_line(tmp_path, cache_dir, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # this learning rate: a NaN gradient norm at step 2
+        lightweight_small.main(argv(out, cache_dir, "--lr", "1e4"))
+    assert e.value.code == EXIT_DIVERGED == 5
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "Traceback" not in err and "done" not in err
+    assert "training diverged at step 2 (grad_norm nan" in line and "try a lower --lr than 10000" in line
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2 and checkpoints(out) == []  # checkpoint-2 would hold NaN weights: not saved
+    assert json.loads((out / "summary.json").read_text())["error"].startswith("training diverged at step 2")

@@ -20,6 +20,7 @@ from harness.loss import lm_loss_sum
 from harness.session import Run
 
 ESTIMATE = {"weights": 1.2, "gradients": 1.2, "optimizer states": 2.5}
+CUDA_OOM = torch.OutOfMemoryError("simulated")
 
 
 def test_the_line_names_the_micro_batch_that_fits_when_known():
@@ -95,10 +96,11 @@ def test_probe_halves_from_half_the_failed_micro_batch(simulated_gpu):
     assert tried[0] == "empty_cache"  # the failed step's memory is given back before the first trial
     assert [t for t in tried if t != "empty_cache"] == [(16, torch.bfloat16), (8, torch.bfloat16)]
     assert run.trainer is None and all(p.grad is None for p in run.model.parameters())
-    assert outcome.oom_line(run).endswith("(peak 1.0 GiB reached); before activations this recipe needs about "
-                                      f"{sum(budget.state_memory_estimate_gib(run.model, run.optim).values()):.1f} "
-                                      "GiB: weights 0.0, gradients 0.0, optimizer states 0.0; "
-                                      "micro-batch 8 fits (--micro-batch 8)")
+    line = outcome.oom_line(run, CUDA_OOM)
+    assert line.endswith("(peak 1.0 GiB reached); before activations this recipe needs about "
+                         f"{sum(budget.state_memory_estimate_gib(run.model, run.optim).values()):.1f} "
+                         "GiB: weights 0.0, gradients 0.0, optimizer states 0.0; "
+                         "micro-batch 8 fits (--micro-batch 8)")
 
 
 def test_probe_says_when_not_even_one_fits(simulated_gpu, monkeypatch):
@@ -110,14 +112,14 @@ def test_probe_says_when_not_even_one_fits(simulated_gpu, monkeypatch):
 
     monkeypatch.setattr("harness.loss.lm_loss_sum", out_of_memory)
     assert probe(run) == 0 and tried.count("trial") == 5  # 16, 8, 4, 2, 1
-    assert outcome.oom_line(run).endswith("; even micro-batch 1 does not fit")
+    assert outcome.oom_line(run, CUDA_OOM).endswith("; even micro-batch 1 does not fit")
     run.summary["micro_batch"], run.trainer, tried[:] = 1, object(), []
     assert probe(run) == 0 and tried == []  # training itself ran out at 1: nothing to try
 
 
 def test_a_failing_probe_leaves_the_line_without_a_hint(simulated_gpu, monkeypatch):
     run, _ = simulated_gpu
-    without_hint = outcome.oom_line(run)
+    without_hint = outcome.oom_line(run, CUDA_OOM)
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe broke")
@@ -125,7 +127,7 @@ def test_a_failing_probe_leaves_the_line_without_a_hint(simulated_gpu, monkeypat
     monkeypatch.setattr(micro_batch, "choose_micro_batch", broken)
     assert probe(run) is None
     assert run.summary["micro_batch_probe_error"] == "RuntimeError: probe broke"
-    assert outcome.oom_line(run) == without_hint and "fits" not in without_hint
+    assert outcome.oom_line(run, CUDA_OOM) == without_hint and "fits" not in without_hint
 
 
 @pytest.mark.parametrize("where", ["cpu", "two processes", "before training"])
@@ -340,3 +342,25 @@ def test_recomputed_layers_give_the_gradients_stored_ones_give(cache_dir, compil
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(recomputed[1], stored[1]))
     lightweight_small.checkpoint_layers(model, False)
     assert not any(layer.gradient_checkpointing for layer in model.model.decoder.layers)
+
+
+@pytest.mark.parametrize("script", ["before_small", "lightweight_small", "before_big", "lightweight_big"])
+def test_out_of_cpu_memory_ends_in_one_line_and_exit_3(script, tmp_path, cache_dir, capsys, monkeypatch):
+    """The CPU allocator's failure (a RuntimeError, not OutOfMemoryError) ends as CUDA's does."""
+    import transformers
+
+    def too_large_a_step(self, *a, **kw):
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: the allocator refuses at once
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", too_large_a_step)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        __import__(script).main([*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir", str(cache_dir),
+                                 "--wandb", "off"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "out of" in x]  # on a line of its own, not the progress bar's
+    assert line.startswith(f"{script}: out of CPU memory; before activations this recipe needs about ")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["oom"] is True and summary["oom_message"] == line

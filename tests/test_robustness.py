@@ -289,3 +289,20 @@ def test_a_signal_after_the_last_step_still_saves_the_model(tmp_path, cache_dir,
                                       str(cache_dir), "--wandb", "off"])
     assert summary["steps"] == 2 and "interrupted" not in summary
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def test_a_signal_after_the_final_save_still_ends_with_the_summary(tmp_path, cache_dir, capfd, monkeypatch):
+    """Ctrl-C once the model is saved, while the summary is made: the run ends as finished, summary.json written."""
+    summarize = training.training_summary
+
+    def ctrl_c_then_summarize(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return summarize(*args)
+
+    monkeypatch.setattr(training, "training_summary", ctrl_c_then_summarize)
+    out = tmp_path / "out"
+    summary = lightweight_small.main([*TINY, "--max-steps", "2", "--output-dir", str(out), "--cache-dir",
+                                      str(cache_dir), "--wandb", "off"])
+    err = capfd.readouterr().err  # the handler writes to the file descriptor itself
+    assert summary["steps"] == 2 and "interrupted" not in summary and "SIGINT: training is over" in err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2 and (out / "model.safetensors").exists()
