@@ -8,8 +8,8 @@ library versions, commit, the command) into results/<file>.json, then results/<f
     python benchmark.py --only ablation_small,ablation_big,ablation_budget   # one technique off  -> ablations.json
     python benchmark.py --only packing        # document_mask and run_clm's packing, both scripts    -> packing.json
     python benchmark.py --only packing_epoch  # the small pair's default job: held-out losses          -> packing.json
-    python benchmark.py --only models_small   # Qwen2.5-0.5B through lightweight_small, its peers  -> models.json
-    python benchmark.py --only models_big     # Qwen2.5-1.5B through lightweight_big, its peers    -> models.json
+    python benchmark.py --only models_small   # Qwen2.5-0.5B, SmolLM2-360M: lightweight_small, peers -> models.json
+    python benchmark.py --only models_big     # Qwen2.5-1.5B through lightweight_big, its peers    -> models_big.json
     python benchmark.py --only job            # each default job, wall clock (benchmark_jobs.py) -> jobs.json
     python benchmark.py --only scale          # 1 and 2 processes; needs 2 GPUs (benchmark_scale.py) -> scale.json
     python benchmark.py --report              # the .md files and the plots from the JSON files
@@ -44,6 +44,7 @@ BIG_MODEL = "Qwen/Qwen2.5-1.5B"
 # qlora.py on a model other than GPT-Neo: transformers' default attention there is SDPA, not eager
 REFERENCE_QLORA_SDPA = [a for i, a in enumerate(lightweight_big.REFERENCE_QLORA)
                         if "sdpa" not in lightweight_big.REFERENCE_QLORA[i:i + 2]]
+QLORA_PY_DEFAULTS_SDPA = [*REFERENCE_QLORA_SDPA, *lightweight_big.QLORA_PY_DEFAULTS[len(lightweight_big.REFERENCE_QLORA):]]
 
 
 def row(name, script, *argv):
@@ -123,10 +124,13 @@ GROUPS = {
     ],
     "models_big": [
         row("qwen1.5b-lightweight_big", "lightweight_big", *BIG, "--model", BIG_MODEL),
-        row("qwen1.5b-lightweight_big-no-liger_kernels", "lightweight_big", *BIG, "--model", BIG_MODEL,
-            "--off", "liger_kernels"),
         row("qwen1.5b-lightweight_big-8gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "8"),
+        row("qwen1.5b-lightweight_big-4gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "4"),
         row("qwen1.5b-reference_qlora", "lightweight_big", *BIG, "--model", BIG_MODEL, *REFERENCE_QLORA_SDPA),
+        row("qwen1.5b-qlora_py_defaults", "lightweight_big", "--max-steps", "6", "--model", BIG_MODEL,
+            *QLORA_PY_DEFAULTS_SDPA),
+        row("qwen1.5b-before_big", "before_big", "--max-steps", "4", "--model", BIG_MODEL),
+        row("qwen1.5b-before_big-16gib", "before_big", "--max-steps", "2", "--model", BIG_MODEL, "--gpu-memory-gib", "16"),
         row("qwen1.5b-peer-unsloth", "peers/unsloth_peer", *BIG, "--model", BIG_MODEL, "--mode", "qlora",
             "--micro-batch", "32"),
     ],
@@ -135,7 +139,7 @@ GROUPS = {
 }
 FILES = {"small": "benchmark", "big": "benchmark", "ablation_small": "ablations", "ablation_big": "ablations",
          "ablation_budget": "ablations", "job": "jobs", "scale": "scale", "packing": "packing", "packing_epoch": "packing",
-         "models_small": "models", "models_small_16gib": "models", "models_big": "models"}
+         "models_small": "models", "models_small_16gib": "models", "models_big": "models_big"}
 # README's ratios, each between two rows of one file's group (one command): (the row, compared with)
 RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-trainer_compile"),
           ("lightweight_small-16gib", "peer-trainer_compile-16gib"), ("lightweight_big", "reference_qlora"),
@@ -144,7 +148,7 @@ RATIOS = [("lightweight_small", "before_small"), ("lightweight_small", "peer-tra
           *[(f"{name}-lightweight_small{budget}", f"{name}-peer-trainer_compile{budget}")
             for name in CURRENT_SMALL_MODELS for budget in ("", "-16gib")],
           ("qwen0.5b-lightweight_small", "qwen0.5b-peer-unsloth"), ("qwen1.5b-lightweight_big", "qwen1.5b-peer-unsloth"),
-          ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora")]
+          ("qwen1.5b-lightweight_big", "qwen1.5b-reference_qlora"), ("qwen1.5b-lightweight_big", "qwen1.5b-qlora_py_defaults")]
 
 
 def read_curves(output_dir: Path) -> dict:

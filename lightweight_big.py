@@ -52,8 +52,6 @@ TECHNIQUES = {
                       "eager attention) this repo's port (scale 1, 256-token local window); off: eager"),
     "fast_gelu": Technique("GPT-Neo's tanh GELU as one fused kernel (same function); off: the 8-op Python one"),
     "fused_ce": Technique("liger fused linear cross-entropy: no logits tensor", cuda_only=True),
-    "liger_kernels": Technique("liger's Triton kernels for the family's RMSNorm, SwiGLU MLP and rotary embedding "
-                               "(Llama, Qwen, Mistral, Gemma, ...: the families liger patches)", cuda_only=True),
     "pad_vocab": Technique("output layer padded from 50,257 to 50,304 rows (a multiple of 64), the padding's logits "
                            "masked out of the loss: aligned matmuls instead of cuBLAS's slow unaligned kernels"),
     "auto_micro_batch": Technique("the largest micro-batch that fits this GPU (or --gpu-memory-gib), at most 32; "
@@ -71,8 +69,8 @@ TECHNIQUES = {
 }
 REFERENCE_QLORA = ["--on", "kbit_prep", "--on", "bf16", "--on", "paged_adamw_32bit", "--off", "paged_adamw_8bit",
                    "--off", "lora_autocast", "--off", "tf32", "--off", "sdpa", "--off", "fast_gelu",
-                   "--off", "fused_ce", "--off", "liger_kernels", "--off", "pad_vocab", "--off", "auto_micro_batch",
-                   "--off", "gc_paused", "--off", "offload_checkpoints", "--off", "step_overlap", "--off", "document_mask",
+                   "--off", "fused_ce", "--off", "pad_vocab", "--off", "auto_micro_batch", "--off", "gc_paused",
+                   "--off", "offload_checkpoints", "--off", "step_overlap", "--off", "document_mask",
                    "--micro-batch", "16"]  # qlora.py's 16 x 1024, 2 accumulation
 # qlora.py's own defaults: r=64, alpha 16, dropout 0.05, paged 32-bit AdamW, 1 x 16 accumulation
 QLORA_PY_DEFAULTS = [*REFERENCE_QLORA, "--on", "qlora_py_adapters", "--micro-batch", "1", "--tokens-per-step", "16384"]
@@ -121,9 +119,6 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
         model.config.vocab_size = vocab_size  # the vocabulary itself is unchanged: peft, which saves the embedding
         # too when the config's vocabulary differs from the base model's, then saves the adapters alone (a merged
         # model saved whole would need `resize_token_embeddings(vocab_size)` first)
-    if on("liger_kernels"):  # before peft wraps the projections, which liger's MLP then calls as before
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # public: in liger's __all__
-        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
     if on("kbit_prep"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if on("lora"):
@@ -146,16 +141,13 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
 
 def skip_what_the_model_lacks(on, config) -> None:
     """Skipped where the model lacks what they fit: GPT-Neo's GELU (fast_gelu), a vocabulary not a multiple of 64
-    (pad_vocab), SDPA in transformers or this repo's GPT-Neo port (sdpa), a family liger patches (liger_kernels)."""
+    (pad_vocab), SDPA in transformers or this repo's GPT-Neo port (sdpa)."""
     from harness.gpt_neo_sdpa import sdpa_missing
 
     if why := sdpa_missing(config):
         on.skip("sdpa", why)
     if config.model_type != "gpt_neo":
         on.skip("fast_gelu", f"GPT-Neo's GELU; {config.model_type} has its own activation")
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    if config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        on.skip("liger_kernels", f"liger does not patch {config.model_type}")
     if config.vocab_size % 64 == 0:
         on.skip("pad_vocab", f"the vocabulary ({config.vocab_size:,}) is a multiple of 64 already")
 
