@@ -1,5 +1,5 @@
 """The fused linear cross-entropy alone, forward and backward, at each model's vocabulary and width: liger's chunk
-sizes (its chunk_mem_const; harness/loss.py chooses it) and Apple's cut-cross-entropy where it is installed.
+sizes (its chunk_mem_const; techniques/fused_ce.py chooses it) and Apple's cut-cross-entropy where it is installed.
 
     python scripts/fused_loss_speed.py > results/fused_loss.md      # on a CUDA GPU
 """
@@ -12,7 +12,7 @@ import torch
 from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness.loss import chunk_mem_const  # noqa: E402
+from techniques.fused_ce import chunk_mem_const  # noqa: E402
 from harness.measure import versions  # noqa: E402
 
 SHAPES = {"Qwen2.5-0.5B": (151_936, 896), "SmolLM2-360M": (49_152, 960), "OPT-350m": (50_272, 1024),
