@@ -251,13 +251,9 @@ def training_records_and_heldout_blocks(tokenizer, corpus, seq_len: int, process
     return train_records, eval_blocks, train_tokens
 
 
-# The corpus file, checked record by record as it is streamed into an Arrow file: bounded memory at any size.
-#
-# By hand because datasets' JSON loader reads a JSON list whole into Python objects, and neither it nor pyarrow
-# names the record at fault. A JSON list is decoded one element at a time from a sliding window of the text;
-# JSON Lines one line at a time. Every InputError is one line that names the file and the place: "line N" (1-based)
-# in JSON Lines, "record N (counting from 1, on line L)" in a JSON list.
-
+# The corpus reader, by hand: datasets' JSON loader reads a JSON list whole into Python objects, and neither it nor
+# pyarrow names the record at fault. A JSON list is decoded one element at a time from a sliding window of the text,
+# JSON Lines one line at a time; an InputError names "line N", or "record N (counting from 1, on line L)".
 READ_BYTES = 8 * 2**20  # the file is read this much at a time
 WRITE_RECORDS = 10_000  # texts per Arrow record batch
 WHITESPACE = re.compile(r"[ \t\n\r]*")

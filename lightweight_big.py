@@ -16,8 +16,7 @@ from common import packed_dataset, padded_dataset
 from harness import Technique, session
 from techniques.auto_micro_batch import LeanerMemory
 
-# torch, transformers, peft, liger and techniques/ (which loads torch) are imported inside the functions, once the
-# session has parsed the arguments: --help and a refused flag answer at once, before seconds of imports
+# torch, the libraries and techniques/ (which loads torch) are imported in the functions: --help answers at once
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
 LEARNING_RATE = 5e-5                   # peak, decayed linearly to 0 (--lr)
@@ -42,10 +41,8 @@ TECHNIQUES = {
     "step_overlap": Technique("the next micro-batch's work queues while the GPU finishes this one: the Trainer's "
                               "NaN/inf filter of the logged loss, which reads every micro-batch's loss on the host, "
                               "is off (a NaN loss is then logged as NaN)"),
-    # Tried and removed (FINDINGS, lightweight_big): selective activation checkpointing, whose policy runs in
-    # Python for every op and made the step CPU-bound; torch.compile of the GPT-Neo blocks, slower at every budget
-    # with the same kernels in its profile; whole-model bf16 autocast, which also moves layer norms and softmax to
-    # fp32 (nf4 computes in bf16 already): slower and more memory.
+    # Tried and removed, slower (FINDINGS, lightweight_big): selective activation checkpointing (its policy runs in
+    # Python for every op), torch.compile of the blocks, whole-model bf16 autocast (norms and softmax move to fp32)
     "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
     "document_mask": Technique("packed records attend only to themselves (the local layers' 256-token window inside "
                                "each), their positions restart at 0: what the padded baseline learns (FlexAttention "

@@ -1,5 +1,4 @@
-"""One row of benchmark.py: a script run in a fresh Python process, read back from its summary.json and
-metrics.jsonl; the rows' table."""
+"""benchmark.py's rows: a script run in a fresh Python process, read back from its files; the rows' table."""
 from __future__ import annotations
 
 import json
