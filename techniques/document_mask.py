@@ -10,8 +10,8 @@ on the CPU, so there the same masks are dense B x 1 x T x T booleans for SDPA: t
 
 The masks are made once a forward, before the decoder (fused_ce.py), from the position ids alone, by a few tensor
 ops on their device: nothing is read back to the host, so the CPU keeps queueing work while the GPU runs. Transformers'
-own path (create_causal_mask finding packed documents, then create_block_mask) cost 3-4.6 ms of host time a forward
-and a GPU->host synchronization (find_packed_sequence_indices' `.all()`). The decoder's create_causal_mask passes a
+own path (create_causal_mask finding packed documents, then create_block_mask) cost several times the host time
+(FINDINGS, packing that keeps documents apart) and a GPU->host synchronization (find_packed_sequence_indices' `.all()`). The decoder's create_causal_mask passes a
 ready 4-D mask or BlockMask on unchanged. Calls without documents (padding, the micro-batch probe without position
 ids), and models this module leaves to transformers, take transformers' SDPA masks.
 """
@@ -92,7 +92,7 @@ def block_mask(documents, window: int | None = None) -> BlockMask:
         full = full & (q + BLOCK - 1 - kv < window)
     partial, full = (reached & ~full)[:, None], full[:, None]  # B x 1 x N x N: query blocks x key blocks
     # Both ways round from the layouts: BlockMask.from_kv_blocks would find the query-block lists from the key-block
-    # ones through torch.vmap, 0.5-0.7 ms of host time where this whole function takes 0.15 (32 x 1024 tokens, CPU).
+    # ones through torch.vmap, several times the host time of this whole function.
     return BlockMask((length, length), *ordered(partial), *ordered(full), *ordered(partial.mT), *ordered(full.mT),
                      BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=attends(documents, window))
 
