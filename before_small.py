@@ -23,7 +23,7 @@ def load_model(weights, device):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.loss import put_loss_in_forward
+    from techniques.fused_ce import put_loss_in_forward
 
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, use_cache=False)  # default attention
     put_loss_in_forward(model, fused=False)  # logits, then cross-entropy over the tokens of the whole step

@@ -13,13 +13,16 @@ import gc
 import math
 
 from common import packed_dataset, padded_dataset
-from harness import LeanerMemory, Technique, session
+from harness import Technique, session
+from techniques.auto_micro_batch import LeanerMemory
+
+# torch, the libraries and techniques/ (which loads torch) are imported in the functions: --help answers at once
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
 LEARNING_RATE = 5e-5                   # peak, decayed linearly to 0 (--lr)
 SIZES = dict(micro_batch=32,           # one micro-batch per step: its host work (peft, bitsandbytes, recompute) is
-             seq_len=1024,             # paid once, not twice (6% more tokens/s than two of 16, in 7.1 GiB against
-             tokens_per_step=32768,    # 4.1); auto_micro_batch halves it to fit the GPU or budget
+             seq_len=1024,             # paid once, not twice (FINDINGS, lightweight_big's auto_micro_batch);
+             tokens_per_step=32768,    # auto_micro_batch halves it to fit the GPU or budget
              learning_rate=LEARNING_RATE)
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = "all-linear"  # peft: every linear projection of the blocks (not the output layer), whatever its name
@@ -38,12 +41,8 @@ TECHNIQUES = {
     "step_overlap": Technique("the next micro-batch's work queues while the GPU finishes this one: the Trainer's "
                               "NaN/inf filter of the logged loss, which reads every micro-batch's loss on the host, "
                               "is off (a NaN loss is then logged as NaN)"),
-    # No selective activation checkpointing (keep the matmul outputs, recompute the rest): its policy runs in
-    # Python for every op, and the step became CPU-bound: 9.2k tokens/s at 8 GiB against 36.4k.
-    # No torch.compile of the GPT-Neo blocks: it lost at every budget (8 GiB 37.1k vs 40.1k tokens/s, 4 GiB 19.8k
-    # vs 21.5k, 2 GiB 9.8k vs 10.8k), and its profile showed the same kernels as without it.
-    # No whole-model bf16 autocast: nf4 already computes in bf16, and autocast would also move layer norms and
-    # softmax to fp32: slower (23.3k vs 27.3k tokens/s) and more memory (6.6 vs 5.2 GiB).
+    # Tried and removed, slower (FINDINGS, lightweight_big): selective activation checkpointing (its policy runs in
+    # Python for every op), torch.compile of the blocks, whole-model bf16 autocast (norms and softmax move to fp32)
     "packing": Technique("full 1024-token blocks, no pad tokens; off: one record per row, padded"),
     "document_mask": Technique("packed records attend only to themselves (the local layers' 256-token window inside "
                                "each), their positions restart at 0: what the padded baseline learns (FlexAttention "
@@ -83,9 +82,9 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
     from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from harness.document_attention import DOCUMENT_ATTENTION
-    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
-    from harness.loss import put_loss_in_forward
+    from techniques.document_mask import DOCUMENT_ATTENTION
+    from techniques.fused_ce import put_loss_in_forward
+    from techniques.sdpa import use_gpt_neo_sdpa
 
     gpt_neo = AutoConfig.from_pretrained(weights).model_type == "gpt_neo"  # transformers gives it eager attention
     # alone (besides flash-attn), and this repo's port (use_gpt_neo_sdpa) replaces it
@@ -112,8 +111,8 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
     if on("sdpa") and gpt_neo:  # document_mask: FlexAttention where a batch holds packed documents (eager: dense)
         use_gpt_neo_sdpa(model, masks=DOCUMENT_ATTENTION if on("document_mask") else "sdpa")
     vocab_size = model.config.vocab_size
-    if on("pad_vocab"):  # an odd vocabulary (50,257) leaves the output matmuls unaligned: 15% of the GPU time went
-        # to cutlass_75 ... align1 kernels (--profile). The tied embedding grows with it; the
+    if on("pad_vocab"):  # an odd vocabulary (50,257) leaves the output matmuls unaligned: cuBLAS's slow
+        # cutlass_75 ... align1 kernels (--profile; FINDINGS, pad_vocab). The tied embedding grows with it; the
         # new rows are never looked up (token ids < vocab_size), and the loss masks their logits.
         model.resize_token_embeddings(pad_to_multiple_of=64, mean_resizing=False)
         model.config.vocab_size = vocab_size  # the vocabulary itself is unchanged: peft, which saves the embedding
@@ -142,7 +141,7 @@ def load_model(weights, on, device, half, checkpoint_layers=None):
 def skip_what_the_model_lacks(on, config) -> None:
     """Skipped where the model lacks what they fit: GPT-Neo's GELU (fast_gelu), a vocabulary not a multiple of 64
     (pad_vocab), SDPA in transformers or this repo's GPT-Neo port (sdpa)."""
-    from harness.gpt_neo_sdpa import sdpa_missing
+    from techniques.sdpa import sdpa_missing
 
     if why := sdpa_missing(config):
         on.skip("sdpa", why)
@@ -167,7 +166,7 @@ def offload_to_fit(model, layers=None) -> LeanerMemory:
     """offload_checkpoints, as the micro-batch probe tries it: a split step is bound by each micro-batch's host work
     (peft, bitsandbytes, launches) whatever its rows, so fewer micro-batches are worth a copy of each checkpointed
     block's input to the CPU and back (rows lightweight_big-4gib, 16 x 2 offloaded, and
-    lightweight_big-4gib-no-offload_checkpoints, 8 x 4: +31% tokens/s)."""
+    lightweight_big-4gib-no-offload_checkpoints, 8 x 4)."""
     return LeanerMemory(functools.partial(checkpoint_blocks, model, layers),
                         "with the checkpointed activations offloaded to the CPU")
 
@@ -176,6 +175,8 @@ def main(argv=None):
     with session("lightweight_big", MODEL, TECHNIQUES, argv, **SIZES) as run:
         import torch
         from transformers import TrainingArguments
+
+        from techniques.gc_paused import CollectBetweenSteps
 
         on, half, args = run.on, run.bf16_or_fp16, run.args
         checkpoint_layers = getattr(args, "checkpoint_layers", None)
@@ -217,11 +218,10 @@ def main(argv=None):
             save_strategy="steps" if args.save_every and not args.no_checkpoints else "no",
             save_steps=args.save_every or steps, save_total_limit=2,
             **run.plumbing_arguments())
-        # one shape: an epoch's short last micro-batch ran at 29k tokens/s against 43k, more than its fewer rows
-        # explain; filled to the micro-batch's shape it ran at 41k
+        # one shape: an epoch's short last micro-batch ran slower than its fewer rows explain; filled to the
+        # micro-batch's shape it did not
         callbacks = []
-        if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
-            from harness.garbage import CollectBetweenSteps
+        if on("gc_paused"):  # no collection of the whole heap inside a step
             callbacks.append(CollectBetweenSteps(every=50))
         run.train(model, training_args, train_set, one_batch_shape=True, callbacks=callbacks)
     return run.summary

@@ -11,13 +11,15 @@ import gc
 import math
 
 from common import packed_dataset, padded_dataset
-from harness import LeanerMemory, Technique, session
+from harness import Technique, session
+from techniques.auto_micro_batch import LeanerMemory
+
+# torch, the libraries and techniques/ (which loads torch) are imported in the functions: --help answers at once
 
 MODEL = "facebook/opt-350m"
 LEARNING_RATE = 5e-5                   # peak, decayed linearly to 0 (--lr); before_small's
-# compiling costs 1.1-1.5 s of a job with a warm cache (about 11 s cold) and saves at most 0.023 s a step on an
-# H200 (rows lightweight_small and lightweight_small-no-compile): it breaks even at 48-65 steps or later, and the
-# default job (10 steps) is sooner without it
+# compiling costs seconds of a job and saves a fraction of each step: it pays from this many steps (rows
+# lightweight_small and lightweight_small-no-compile; FINDINGS, the compile threshold); the default job is shorter
 COMPILE_PAYS_FROM_STEPS = 64
 SIZES = dict(micro_batch=32,           # 32 x 1024 tokens per forward pass keeps the H200 busy
              seq_len=1024,
@@ -63,9 +65,9 @@ def load_model(weights, on, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from harness.document_attention import DENSE_DOCUMENT_ATTENTION, DOCUMENT_ATTENTION
-    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
-    from harness.loss import put_loss_in_forward
+    from techniques.document_mask import DENSE_DOCUMENT_ATTENTION, DOCUMENT_ATTENTION
+    from techniques.fused_ce import put_loss_in_forward
+    from techniques.sdpa import use_gpt_neo_sdpa
 
     gpt_neo = AutoConfig.from_pretrained(weights).model_type == "gpt_neo"  # transformers gives it eager attention
     # alone (besides flash-attn), and this repo's port (use_gpt_neo_sdpa) replaces it
@@ -93,9 +95,9 @@ def checkpoint_layers(model, recompute: bool) -> None:
 
 def recompute_to_fit(model) -> LeanerMemory:
     """checkpoint_to_fit, as the micro-batch probe tries it: from 4 micro-batches a step, which are bound by each one's
-    host work (row lightweight_small-16gib-no-checkpoint_to_fit, 8 rows x 4: 88.7k tokens/s; lightweight_small-16gib,
-    recomputed, 32 x 1: 148.0k). At 2 (24 GiB, 16 x 2) the recompute's third more GPU work is predicted to cost
-    about what one micro-batch less saves (not measured)."""
+    host work (rows lightweight_small-16gib-no-checkpoint_to_fit, 8 rows x 4, and lightweight_small-16gib,
+    recomputed, 32 x 1). At 2 (24 GiB, 16 x 2) the recompute's third more GPU work is predicted to cost about what
+    one micro-batch less saves (not measured)."""
     return LeanerMemory(functools.partial(checkpoint_layers, model), "with every layer recomputed in backward",
                         from_split=4)
 
@@ -105,7 +107,8 @@ def main(argv=None):
         import torch
         from transformers import TrainingArguments
 
-        from harness.gpt_neo_sdpa import sdpa_missing
+        from techniques.gc_paused import CollectBetweenSteps
+        from techniques.sdpa import sdpa_missing
 
         on, args = run.on, run.args
         if not on("packing"):  # padded rows keep each record to itself already
@@ -139,7 +142,7 @@ def main(argv=None):
             for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
                 layer.compile()
             # under DDP, keep each layer one graph: dynamo would split it at DDP's 25 MB gradient buckets, losing
-            # fusions (2 GPUs: split, +16% memory per GPU and 1.78x the tokens/s of one; unsplit, +0% and 1.85x)
+            # fusions: more memory per GPU and fewer tokens/s (FINDINGS, several GPUs)
             torch._dynamo.config.optimize_ddp = False  # a documented dynamo setting (torch._dynamo.config)
         training_args = TrainingArguments(
             per_device_train_batch_size=micro_batch, gradient_accumulation_steps=run.accumulation(micro_batch, train_set),
@@ -156,12 +159,11 @@ def main(argv=None):
             save_steps=args.save_every or steps, save_total_limit=2,
             **run.plumbing_arguments())
         callbacks = []
-        if on("gc_paused"):  # no collection of the whole heap inside a step (harness/garbage.py)
-            from harness.garbage import CollectBetweenSteps
+        if on("gc_paused"):  # no collection of the whole heap inside a step
             callbacks.append(CollectBetweenSteps(every=50))
         run.train(model, training_args, train_set, one_batch_shape=on("compile"),  # compile: no recompilation,
-                  # and evaluation uncompiled: its own graphs took 0.7-1.1 s to load at the first evaluation, where
-                  # an evaluation takes 0.04 s
+                  # and evaluation uncompiled: loading its own graphs at the first evaluation took many times
+                  # longer than an evaluation
                   evaluate_eagerly=on("compile"), callbacks=callbacks)
     return run.summary
 

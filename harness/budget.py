@@ -1,5 +1,5 @@
 """GPU memory: the --gpu-memory-gib budget, what a recipe's states need, and the out-of-memory report (the probe for
-the micro-batch that fits: harness/micro_batch.py)."""
+the micro-batch that fits: techniques/auto_micro_batch.py)."""
 from __future__ import annotations
 
 import gc

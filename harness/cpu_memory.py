@@ -25,8 +25,8 @@ def two_layer_model(config, attention: str | None, gpt_neo_port: bool, dtype):
     gpt_neo_port: this repo's GPT-Neo SDPA in its place, taking that attention's masks."""
     from transformers import AutoModelForCausalLM
 
-    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
-    from harness.loss import put_loss_in_forward
+    from techniques.fused_ce import put_loss_in_forward
+    from techniques.sdpa import use_gpt_neo_sdpa
 
     config = copy.deepcopy(config)
     config.num_hidden_layers, config.use_cache = 2, False  # each family's attribute_map names its own layers field
@@ -47,7 +47,7 @@ def saved_bytes(model, seq_len: int) -> dict:
     "second layer" (what the second decoder layer adds) and "largest" (the largest tensor kept)."""
     from transformers.modeling_layers import GradientCheckpointingLayer  # every family's decoder layer
 
-    from harness.document_attention import trial_position_ids
+    from techniques.document_mask import trial_position_ids
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept, marks = {}, {}
@@ -91,8 +91,8 @@ def probe_attention(on, config) -> tuple[str | None, bool]:
     """(attention, gpt_neo_port) as `two_layer_model` takes them: what a script's model trains with on the CPU. The
     lightweight scripts' sdpa switch, with dense masks of packed documents where document_mask is on (this repo's
     port for GPT-Neo; eager where the family has no SDPA); the before scripts: the library's default."""
-    from harness.document_attention import DENSE_DOCUMENT_ATTENTION
-    from harness.gpt_neo_sdpa import sdpa_missing
+    from techniques.document_mask import DENSE_DOCUMENT_ATTENTION
+    from techniques.sdpa import sdpa_missing
 
     if "sdpa" not in on.declared:
         return None, False

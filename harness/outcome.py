@@ -61,13 +61,13 @@ def finish(run, failure: Exception | None, startup_seconds: float, argv) -> None
 
 
 def micro_batch_after_oom(run, failure: BaseException) -> int | None:
-    """After `run` ran out of memory in training on one GPU: harness.micro_batch.micro_batch_that_fits, once the
+    """After `run` ran out of memory in training on one GPU: techniques.auto_micro_batch.micro_batch_that_fits, once the
     Trainer is dropped (run.trainer: None); None where none was probed, or where the probe failed otherwise (its
     error in the summary: the out-of-memory line still comes).
 
     One process only: under a launcher the others may have died, and an FSDP forward would then hang in an
     all-gather that waits for them."""
-    from harness.micro_batch import micro_batch_that_fits
+    from techniques.auto_micro_batch import micro_batch_that_fits
 
     if not run.cuda or run.world_size > 1 or run.trainer is None or run.model is None:
         return None

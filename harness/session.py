@@ -21,7 +21,7 @@ from harness import step_size
 from harness.cli import InputError, fsdp_launch, parse_args, processes_in_launch, refuse, validate_args
 from harness.clock import seconds_since_process_start
 from harness.lock import lock_output_dir
-from harness.micro_batch import LeanerMemory
+from techniques.auto_micro_batch import LeanerMemory
 from harness.outcome import end_the_process, finish
 from harness.signals import find_checkpoint
 
@@ -202,10 +202,10 @@ class Run:
 
     def largest_micro_batch(self, model, optim: str, autocast: bool, leaner: LeanerMemory | None = None) -> int:
         """--micro-batch if given; else the largest, halving from the script's, whose trial step fits the GPU's
-        free memory or --gpu-memory-gib (the smallest over the processes of a launch); harness.micro_batch.
+        free memory or --gpu-memory-gib (the smallest over the processes of a launch); techniques.auto_micro_batch.
         `leaner_unused` then says why `leaner` is off (None: on)."""
         from harness.budget import available_gib
-        from harness.micro_batch import largest_micro_batch
+        from techniques.auto_micro_batch import largest_micro_batch
 
         args, self.optim = self.args, optim
         if args.micro_batch_given or not self.cuda:

@@ -1,8 +1,8 @@
-"""benchmark_jobs.py: the whole-job rows keep the median of the warm runs, parts and all."""
+"""bench/jobs.py: the whole-job rows keep the median of the warm runs, parts and all."""
 import pytest
 
 import benchmark
-import benchmark_jobs
+from bench import jobs as benchmark_jobs
 
 
 def test_job_row_is_the_median_warm_run(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
-import corpus_file  # noqa: E402
 from conftest import SMALL_CORPUS  # noqa: E402
 from harness.cli import InputError  # noqa: E402
 
@@ -21,7 +20,7 @@ TRICKY = ["plain", "with \"quotes\", commas, ] and } inside", "a\nnewline and a 
 def test_both_forms_give_the_same_texts_whatever_the_chunk_size(read_bytes, tmp_path, monkeypatch):
     """A JSON list (pretty-printed, with a byte-order mark and CRLF line ends) and JSON Lines read the same,
     even where a record, an escape or a multi-byte character is cut by the end of a read."""
-    monkeypatch.setattr(corpus_file, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(common, "READ_BYTES", read_bytes)
     records = [{"text": t, "n": i * 1.5, "tags": [True, None]} for i, t in enumerate(TRICKY)]
     as_list = tmp_path / "list.json"
     as_list.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=2).replace("\n", "\r\n").encode())
@@ -39,7 +38,7 @@ def test_both_forms_give_the_same_texts_whatever_the_chunk_size(read_bytes, tmp_
     (b'{"text": "ok"}\n{"text": "cut', "invalid or truncated JSON Lines, line 2: Unterminated string"),
 ])
 def test_errors_name_the_place(contents, message, tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_file, "READ_BYTES", 5)
+    monkeypatch.setattr(common, "READ_BYTES", 5)
     corpus = tmp_path / "c.json"
     corpus.write_bytes(contents)
     with pytest.raises(InputError, match="^corpus .*c.json: " + re.escape(message)):

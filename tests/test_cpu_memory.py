@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lightweight_small
-from conftest import REPO, SMALL_CORPUS, TINY, tiny_script_model
+from conftest import REPO, SMALL_CORPUS, tiny_script_model
 from harness import budget, cpu_memory
 from harness.cli import InputError, Switches
 from harness.sources import architecture_config

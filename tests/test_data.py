@@ -13,7 +13,7 @@ import before_small  # noqa: E402
 import common  # noqa: E402
 import lightweight_small  # noqa: E402
 from conftest import output_head  # noqa: E402
-from harness.loss import causal_lm_parts, lm_loss_sum  # noqa: E402
+from techniques.fused_ce import causal_lm_parts, lm_loss_sum  # noqa: E402
 from harness.sources import tiny_config  # noqa: E402
 
 PAD = 0  # the tokenizer's pad id is its EOS id, which also ends every real record

@@ -9,8 +9,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 import lightweight_big
 import lightweight_small
 from conftest import tiny_script_model
-from harness import document_attention
-from harness.loss import causal_lm_parts
+from techniques import document_mask as document_attention
+from techniques.fused_ce import causal_lm_parts
 
 LENGTHS = [(23, 9, 32), (5, 41, 18)]  # records per packed row of 64 tokens (the tiny models' sequence length)
 TOLERANCE = 1e-4  # fp32: losses 3e-6 apart here; run_clm's packing differs by about 4
@@ -66,7 +66,7 @@ def tiny_gpt_neo():
     """GPT-Neo of 2 layers (global, local with a 16-token window), fp32, the repo's SDPA port with document masks."""
     from transformers import AutoModelForCausalLM
 
-    from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
+    from techniques.sdpa import use_gpt_neo_sdpa
     from harness.sources import tiny_config
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import lightweight_big
 import lightweight_small
 from conftest import TINY
-from harness.garbage import CollectBetweenSteps
+from techniques.gc_paused import CollectBetweenSteps
 
 
 def test_collector_is_paused_in_training_and_collects_young_generations_at_the_interval(monkeypatch):

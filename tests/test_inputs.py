@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import before_small  # noqa: E402
 import common  # noqa: E402
-import corpus_file  # noqa: E402
 from harness import budget, cli  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -306,7 +305,7 @@ def test_bad_last_record_of_a_multi_megabyte_corpus_is_refused(form, tmp_path, c
     else:
         corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + '{"txt": "the last one"}\n')
         expected = f"line {len(texts) + 1} has no string 'text'"
-    assert corpus.stat().st_size > corpus_file.READ_BYTES  # more than one read
+    assert corpus.stat().st_size > common.READ_BYTES  # more than one read
     line = refused(base_args(corpus, cache, tmp_path), capsys, tmp_path)
     assert str(corpus) in line and expected in line
     assert not list((cache / "corpora").glob("*.tmp")), "the half-written Arrow file is removed"

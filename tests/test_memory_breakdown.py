@@ -25,7 +25,7 @@ ADAM = frames(f"{PACKAGES}/torch/optim/adam.py:_multi_tensor_adam", f"{PACKAGES}
               f"{PACKAGES}/transformers/trainer.py:_inner_training_loop")
 LINEAR = frames(f"{PACKAGES}/torch/nn/modules/linear.py:forward",
                 f"{PACKAGES}/transformers/models/gpt_neo/modeling_gpt_neo.py:forward")
-LOSS = frames(f"{PACKAGES}/torch/nn/functional.py:cross_entropy", f"{REPO}/harness/loss.py:forward")
+LOSS = frames(f"{PACKAGES}/torch/nn/functional.py:cross_entropy", f"{REPO}/techniques/fused_ce.py:forward")
 # a virtualenv inside the repo is a library's code, not the repo's
 VENV_IN_REPO = frames(f"{REPO}/.venv/lib/python3.11/site-packages/torch/nn/modules/module.py:_call_impl",
                       f"{REPO}/before_small.py:main")
@@ -82,7 +82,7 @@ def by_label(found):
 def test_labels_name_the_innermost_frame_of_the_experiments_code():
     assert mb.label(ADAM) == "torch/optim/adam.py:_multi_tensor_adam"
     assert mb.label(LINEAR) == "transformers/models/gpt_neo/modeling_gpt_neo.py:forward"
-    assert mb.label(LOSS) == "harness/loss.py:forward"
+    assert mb.label(LOSS) == "techniques/fused_ce.py:forward"
     assert mb.label(VENV_IN_REPO) == "before_small.py:main"
     assert mb.label(frames("/usr/lib/python3.11/threading.py:run", "/usr/lib/python3.11/x.py:y")) == \
         "/usr/lib/python3.11/threading.py:run"  # none of ours: the innermost
@@ -98,7 +98,7 @@ def test_peak_is_the_most_bytes_live_with_what_was_allocated_before_recording():
     assert peak["by"] == mb.NO_FRAMES
     assert by_label(peak) == {mb.BEFORE: (100, 1), "torch/optim/adam.py:_multi_tensor_adam": (200, 1),
                               "transformers/models/gpt_neo/modeling_gpt_neo.py:forward": (50, 1),
-                              mb.NO_FRAMES: (40, 1), "harness/loss.py:forward": (20, 1)}
+                              mb.NO_FRAMES: (40, 1), "techniques/fused_ce.py:forward": (20, 1)}
     assert [g["label"] for g in peak["groups"]][:2] == [
         "torch/optim/adam.py:_multi_tensor_adam", mb.BEFORE]  # the most bytes first
     assert report["events"] == len(TRACE) and report["buffer_full"] is False
@@ -113,7 +113,7 @@ def test_the_last_out_of_memory_is_broken_down_as_it_happened():
     assert oom["bytes"] == 270 * MIB
     assert by_label(oom) == {mb.BEFORE: (100, 1), "torch/optim/adam.py:_multi_tensor_adam": (60, 1),
                              "transformers/models/gpt_neo/modeling_gpt_neo.py:forward": (50, 1),
-                             mb.NO_FRAMES: (40, 1), "harness/loss.py:forward": (20, 1)}
+                             mb.NO_FRAMES: (40, 1), "techniques/fused_ce.py:forward": (20, 1)}
 
 
 def test_without_out_of_memory_there_is_no_oom_moment_and_a_full_buffer_is_said():

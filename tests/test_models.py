@@ -12,9 +12,10 @@ import before_small
 import common
 import lightweight_big
 from conftest import SMALL_CORPUS, output_head, tiny_script_model
-from harness import budget, measure, micro_batch, sources
-from harness.gpt_neo_sdpa import use_gpt_neo_sdpa
-from harness.loss import FUSED_CE_CHUNK_ROWS, causal_lm_parts, chunk_mem_const, lm_loss_sum
+from harness import budget, measure, sources
+from techniques import auto_micro_batch as micro_batch
+from techniques.fused_ce import FUSED_CE_CHUNK_ROWS, causal_lm_parts, chunk_mem_const, lm_loss_sum
+from techniques.sdpa import use_gpt_neo_sdpa
 
 
 def test_qlora_holds_4bit_weights_and_trains_only_lora(cache_dir):
@@ -264,7 +265,7 @@ def test_auto_micro_batch_takes_the_largest_that_fits(cache_dir, monkeypatch):
         peak["bytes"] = (0.95 if hidden.shape[0] == 4 else 0.5) * budget.GIB
         return real_loss(hidden, head, labels, fused, vocab_size)
 
-    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr("techniques.fused_ce.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])

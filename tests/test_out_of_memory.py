@@ -14,9 +14,10 @@ import torch
 import lightweight_big
 import lightweight_small
 from conftest import TINY, tiny_script_model
-from harness import budget, micro_batch, outcome, step_size
+from harness import budget, outcome, step_size
+from techniques import auto_micro_batch as micro_batch
 from harness.cli import Switches
-from harness.loss import lm_loss_sum
+from techniques.fused_ce import lm_loss_sum
 from harness.session import Run
 
 ESTIMATE = {"weights": 1.2, "gradients": 1.2, "optimizer states": 2.5}
@@ -51,7 +52,7 @@ def simulated_gpu(cache_dir, monkeypatch):
         peak["bytes"] = hidden.shape[0] / 10 * budget.GIB
         return lm_loss_sum(hidden, head, labels, fused, vocab_size)
 
-    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr("techniques.fused_ce.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: tried.append("empty_cache"))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
@@ -110,7 +111,7 @@ def test_probe_says_when_not_even_one_fits(simulated_gpu, monkeypatch):
         tried.append("trial")
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr("harness.loss.lm_loss_sum", out_of_memory)
+    monkeypatch.setattr("techniques.fused_ce.lm_loss_sum", out_of_memory)
     assert probe(run) == 0 and tried.count("trial") == 5  # 16, 8, 4, 2, 1
     assert outcome.oom_line(run, CUDA_OOM).endswith("; even micro-batch 1 does not fit")
     run.summary["micro_batch"], run.trainer, tried[:] = 1, object(), []
@@ -206,7 +207,7 @@ def simulate_peak_halved_while(halved, tried, monkeypatch) -> None:
         peak["bytes"] = rows / (20 if leaner else 10) * budget.GIB
         return lm_loss_sum(hidden, head, labels, fused, vocab_size)
 
-    monkeypatch.setattr("harness.loss.lm_loss_sum", loss)
+    monkeypatch.setattr("techniques.fused_ce.lm_loss_sum", loss)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
 
 

@@ -2,10 +2,8 @@
 
 A process that holds torch, transformers and dynamo's compiled graphs has about a million objects, and a full
 collection of them, which Python starts whenever enough objects were allocated, stalls the step it lands in.
-One run with the collector off ran lightweight_small's steps 6-10 at 186k tokens/s where others had 135k, though
-a slow window there outlived the paused collector: it has a second cause, not yet known. With it paused,
-lightweight_small's job was 1.8 s shorter. The Trainer has
-no switch for it, so it is a TrainerCallback (the public hook) here. The scripts pause the collector at the
+Paused, lightweight_small's steps ran faster and its job shorter (FINDINGS, Python's garbage collector); a slow
+window there outlived the paused collector: it has a second cause, not yet known. The Trainer has no switch for it, so it is a TrainerCallback (the public hook) here. The scripts pause the collector at the
 start (their gc_paused), which also spares the imports' collections.
 """
 from __future__ import annotations
@@ -26,7 +24,7 @@ class CollectBetweenSteps(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         gc.disable()
         # everything setup made moves to a generation no collection walks again: freezing is instant, where a full
-        # collection of setup's heap took 0.4-0.7 s (its garbage, about 300k objects of the imports, stays)
+        # collection of setup's heap takes a large part of a second (its garbage, the imports' objects, stays)
         gc.freeze()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -36,7 +36,7 @@ class GPTNeoSDPAttention(torch.nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         dropout = self.attn_dropout.p if self.training else 0.0
-        if isinstance(attention_mask, BlockMask):  # packed documents on flex (harness/document_attention.py); on
+        if isinstance(attention_mask, BlockMask):  # packed documents on flex (techniques/document_mask.py); on
             if self.attention_type == "local":  # local layers, the block mask within the window that it carries
                 attention_mask = attention_mask.local
             return self.resid_dropout(self.out_proj(self.flex(q, k, v, attention_mask, dropout))), None
@@ -53,7 +53,7 @@ class GPTNeoSDPAttention(torch.nn.Module):
 
     def flex(self, q, k, v, block_mask, dropout: float):
         """B x T x H*D: transformers' flex attention function (which refuses attention dropout), scale 1.0."""
-        from harness.document_attention import flex_or_sdpa
+        from techniques.document_mask import flex_or_sdpa
 
         out, _ = flex_or_sdpa(self, q, k, v, block_mask, scaling=1.0, dropout=dropout)  # B x T x H x D
         return out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
@@ -61,7 +61,7 @@ class GPTNeoSDPAttention(torch.nn.Module):
 
 def use_gpt_neo_sdpa(model, masks: str = "sdpa") -> int:
     """Put a GPTNeoSDPAttention in place of every GPT-Neo eager self-attention; returns how many. masks: the
-    attention implementation whose masks it takes, "sdpa" or harness.document_attention.DOCUMENT_ATTENTION."""
+    attention implementation whose masks it takes, "sdpa" or techniques.document_mask.DOCUMENT_ATTENTION."""
     from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoAttention, GPTNeoSelfAttention
 
     swapped = 0

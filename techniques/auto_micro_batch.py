@@ -36,7 +36,7 @@ def choose_micro_batch(model, largest: int, seq_len: int, budget_gib: float, opt
     import torch
 
     from harness.budget import state_memory_estimate_gib
-    from harness.document_attention import trial_position_ids
+    from techniques.document_mask import trial_position_ids
 
     estimate = state_memory_estimate_gib(model, optim)["optimizer states"]
     headroom = 0.9 * budget_gib * GIB  # the trial must leave 10% for fragmentation and evaluation

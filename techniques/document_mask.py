@@ -8,10 +8,10 @@ global layers): 0.92, 1.95, 1.02, 1.65 ms; GPT-Neo's local layers, today's dense
 window inside the document 0.99 ms, varlen 1.54 ms. Varlen also runs on CUDA in fp16/bf16 only. Flex has no backward
 on the CPU, so there the same masks are dense B x 1 x T x T booleans for SDPA: the tests' path.
 
-The masks are made once a forward, before the decoder (harness/loss.py), from the position ids alone, by a few tensor
+The masks are made once a forward, before the decoder (fused_ce.py), from the position ids alone, by a few tensor
 ops on their device: nothing is read back to the host, so the CPU keeps queueing work while the GPU runs. Transformers'
-own path (create_causal_mask finding packed documents, then create_block_mask) cost 3-4.6 ms of host time a forward
-and a GPU->host synchronization (find_packed_sequence_indices' `.all()`). The decoder's create_causal_mask passes a
+own path (create_causal_mask finding packed documents, then create_block_mask) cost several times the host time
+(FINDINGS, packing that keeps documents apart) and a GPU->host synchronization (find_packed_sequence_indices' `.all()`). The decoder's create_causal_mask passes a
 ready 4-D mask or BlockMask on unchanged. Calls without documents (padding, the micro-batch probe without position
 ids), and models this module leaves to transformers, take transformers' SDPA masks.
 """
@@ -92,13 +92,13 @@ def block_mask(documents, window: int | None = None) -> BlockMask:
         full = full & (q + BLOCK - 1 - kv < window)
     partial, full = (reached & ~full)[:, None], full[:, None]  # B x 1 x N x N: query blocks x key blocks
     # Both ways round from the layouts: BlockMask.from_kv_blocks would find the query-block lists from the key-block
-    # ones through torch.vmap, 0.5-0.7 ms of host time where this whole function takes 0.15 (32 x 1024 tokens, CPU).
+    # ones through torch.vmap, several times the host time of this whole function.
     return BlockMask((length, length), *ordered(partial), *ordered(full), *ordered(partial.mT), *ordered(full.mT),
                      BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=attends(documents, window))
 
 
 def made_here(config) -> bool:
-    """Whether this module makes the masks of a model under DOCUMENT_ATTENTION: OPT, GPT-Neo (harness/gpt_neo_sdpa.py)
+    """Whether this module makes the masks of a model under DOCUMENT_ATTENTION: OPT, GPT-Neo (techniques/sdpa.py)
     and decoders whose every layer is plain causal (Llama, Qwen2 without its window, ...). Models with sliding-window
     or chunked layers (Mistral, Gemma2/3, ...) are left to transformers' path, which is correct there but reads packed
     documents back to the host: their per-layer masks are not built here."""
@@ -113,7 +113,7 @@ def document_mask(body, position_ids, attention_mask=None):
     Under DOCUMENT_ATTENTION (made_here): made here, from `position_ids` alone (document ids: a running count of the
     zeros), without reading anything back to the host: a flex BlockMask on CUDA, dense booleans elsewhere. GPT-Neo's
     local layers take a BlockMask within `config.window_size` tokens, carried by the global one as `.local` (a dict
-    would not pass create_causal_mask); on dense masks they add their window themselves (harness/gpt_neo_sdpa.py).
+    would not pass create_causal_mask); on dense masks they add their window themselves (techniques/sdpa.py).
     Otherwise transformers makes the mask from the position ids: OPT's here (modeling_opt.py calls
     create_causal_mask without them), and in the form its attention takes; others' in the decoder (None returned)."""
     if attention_mask is not None:

@@ -49,7 +49,7 @@ def job_row(script: str, workdir: Path, argv=(), warm_runs: int = 1) -> dict:
     warm_runs: the warm job is run that many times and the row is the median run (its parts and curves too): the
     same job's setup was seen to move by 1-3.5 s between runs on one GPU, more than a short job's ratio can absorb.
     """
-    from benchmark import read_curves
+    from bench.rows import read_curves
 
     cache, out = workdir / f"job-cache-{script}", workdir / f"job-{script}"
     shutil.rmtree(cache, ignore_errors=True)

@@ -49,7 +49,7 @@ def put_loss_in_forward(model, fused: bool, vocab_size: int | None = None) -> No
         body, head = causal_lm_parts(hf)  # looked up per call: FSDP swaps in gathered weights during forward
         if position_ids is not None:  # packed documents (common.packed_dataset): each attends only to itself; the
             # mask is made once a forward, here, outside the compiled layers
-            from harness.document_attention import document_mask
+            from techniques.document_mask import document_mask
             attention_mask = document_mask(body, position_ids, attention_mask)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         loss = lm_loss_sum(hidden, head, labels, fused, vocab_size)
