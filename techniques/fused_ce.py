@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 
-# liger cuts its fused loss into chunks of about the hidden states' size (its chunk_mem_const=1): V / H chunks. Where
-# the vocabulary is large against the width (Qwen2.5: 151,936 / 896) that is ~170 small matmuls a micro-batch;
-# chunks of at least this many tokens keep each one large, for a transient logits chunk of rows x V
+# liger cuts its fused loss into about V / H chunks (its chunk_mem_const=1), however many tokens there are. Where the
+# vocabulary is large against the width (Qwen2.5-0.5B: 151,936 / 896) those are many small matmuls a micro-batch;
+# chunks of at least this many tokens keep each one large, for a transient logits chunk of rows x V (row
+# qwen0.5b-lightweight_small in results/models.json; FINDINGS, fused_ce)
 FUSED_CE_CHUNK_ROWS = 4096
 
 
