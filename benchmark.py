@@ -9,6 +9,7 @@ library versions, commit, the command) into results/<file>.json, then results/<f
     python benchmark.py --only packing        # document_mask and run_clm's packing, both scripts    -> packing.json
     python benchmark.py --only packing_epoch  # the small pair's default job: held-out losses          -> packing.json
     python benchmark.py --only models_small   # Qwen2.5-0.5B, SmolLM2-360M: lightweight_small, peers -> models.json
+    python benchmark.py --only models_small_16gib  # the same under 16 GiB                           -> models.json
     python benchmark.py --only models_big     # Qwen2.5-1.5B through lightweight_big, its peers    -> models_big.json
     python benchmark.py --only job            # each default job, wall clock (bench/jobs.py) -> jobs.json
     python benchmark.py --only scale          # 1 and 2 processes; needs 2 GPUs (bench/scale.py) -> scale.json

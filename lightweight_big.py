@@ -16,7 +16,7 @@ from common import packed_dataset, padded_dataset
 from harness import Technique, session
 from techniques.auto_micro_batch import LeanerMemory
 
-# torch, the libraries and techniques/ (which loads torch) are imported in the functions: --help answers at once
+# torch, the libraries and the techniques that load them are imported in the functions: --help answers at once
 
 MODEL = "EleutherAI/gpt-neo-1.3B"
 LEARNING_RATE = 5e-5                   # peak, decayed linearly to 0 (--lr)

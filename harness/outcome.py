@@ -69,7 +69,10 @@ def micro_batch_after_oom(run, failure: BaseException) -> int | None:
     all-gather that waits for them."""
     from techniques.auto_micro_batch import micro_batch_that_fits
 
-    if not run.cuda or run.world_size > 1 or run.trainer is None or run.model is None:
+    import torch
+
+    if (not run.cuda or not isinstance(failure, torch.OutOfMemoryError) or run.world_size > 1
+            or run.trainer is None or run.model is None):  # the host's memory ran out, not the GPU's: no probe
         return None
     run.trainer = None  # the optimizer states, and the accelerator's references to them
     try:

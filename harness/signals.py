@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from harness.checkpoints import made_by_another, newest_complete, step_of, write_whole
-from harness.cli import EXIT_BAD_INPUT, InputError, RunEnded
+from harness.cli import EXIT_BAD_INPUT, InputError, RunEnded, say
 
 
 def no_checkpoint_at_the_end(save_every: int):
@@ -81,7 +81,8 @@ def train_from_one_that_loads(trainer, checkpoint: str | None):
         try:
             return trainer.train(resume_from_checkpoint=checkpoint)
         except Exception as e:
-            if checkpoint is None or mark.began or out_of_memory(e) or trainer.args.world_size > 1:
+            if (checkpoint is None or mark.began or out_of_memory(e) or isinstance(e, RunEnded)
+                    or trainer.args.world_size > 1):  # RunEnded: a run's own ending (a failed write: exit 4)
                 raise
             checkpoint = older_checkpoint(Path(checkpoint), f"{type(e).__name__}: {e}")
         finally:
@@ -90,7 +91,7 @@ def train_from_one_that_loads(trainer, checkpoint: str | None):
 
 def older_checkpoint(failed: Path, error: str) -> str:
     """After `failed` did not load (`error`, first line): the newest complete checkpoint before it."""
-    print(f"--resume: skipping {failed} (does not load: {error.strip().splitlines()[0][:300]})", file=sys.stderr)
+    say(f"--resume: skipping {failed} (does not load: {error.strip().splitlines()[0][:300]})")
     older, _ = newest_complete(failed.parent, before=step_of(failed))
     if older is None:
         raise NoCheckpointLoads(f"--resume: no checkpoint in {failed.parent} loads; to start fresh, delete the "
@@ -118,8 +119,8 @@ def restart_metrics(path: Path, resume_step: int | None) -> int:
     rewritten whole (harness.checkpoints.write_whole). Returns the tokens trained up to there."""
     rows, torn = readable_rows(path) if resume_step is not None else ([], [])
     if torn:
-        print(f"--resume: dropping {len(torn)} unreadable row(s) of {path} (line {', '.join(map(str, torn))}: cut "
-              f"short by a failed write, or without a step)", file=sys.stderr)
+        say(f"--resume: dropping {len(torn)} unreadable row(s) of {path} (line {', '.join(map(str, torn))}: cut "
+            f"short by a failed write, or without a step)")
     kept = [r for r in rows if r["step"] <= resume_step and "train_runtime" not in r]
     write_whole(path, "".join(json.dumps(r) + "\n" for r in kept), path.parent)
     return max((r["tokens_trained"] for r in kept if "tokens_trained" in r), default=0)

@@ -29,7 +29,9 @@ class StopWhenDiverged(TrainerCallback):
     diverged_at, what = None, None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        bad = [f"{k} {v}" for k, v in (logs or {}).items() if k in ("loss", "grad_norm")
+        # under fp16's loss scaling an infinite gradient norm is a skipped step, not divergence: the loss tells
+        watched = ("loss",) if args.fp16 else ("loss", "grad_norm")
+        bad = [f"{k} {v}" for k, v in (logs or {}).items() if k in watched
                and isinstance(v, (int, float)) and not math.isfinite(v)]
         if bad and self.diverged_at is None:
             self.diverged_at, self.what = state.global_step, ", ".join(bad)

@@ -7,16 +7,18 @@ import torch
 import torch.nn.functional as F
 
 
-# liger cuts its fused loss into about V / H chunks (its chunk_mem_const=1), however many tokens there are. Where the
-# vocabulary is large against the width (Qwen2.5-0.5B: 151,936 / 896) those are many small matmuls a micro-batch;
-# chunks of at least this many tokens keep each one large, for a transient logits chunk of rows x V (row
-# qwen0.5b-lightweight_small in results/models.json; FINDINGS, fused_ce)
-FUSED_CE_CHUNK_ROWS = 4096
+# liger cuts its fused loss into about V / H chunks (its chunk_mem_const=1), however many tokens a micro-batch has.
+# Where the vocabulary is large against the width (Qwen2.5-0.5B: 151,936 / 896, 128 chunks of 256 rows at 32 x 1024)
+# those are many small matmuls; at most this many chunks keep them large, each chunk's logits an eighth of what the
+# unfused loss would hold, so they shrink with the micro-batch under a small budget (row qwen0.5b-lightweight_small
+# in results/models.json; FINDINGS, fused_ce)
+FUSED_CE_CHUNKS = 8
 
 
-def chunk_mem_const(tokens: int, vocab: int, width: int, rows: int = FUSED_CE_CHUNK_ROWS) -> int:
-    """liger's chunk_mem_const that gives chunks of at least `rows` of the `tokens` (all of them, if fewer)."""
-    return max(1, math.ceil(vocab * min(rows, tokens) / (width * tokens)))
+def chunk_mem_const(vocab: int, width: int) -> int:
+    """liger's chunk_mem_const that cuts a micro-batch into at most FUSED_CE_CHUNKS chunks, never smaller ones than
+    liger's own (chunk_mem_const=1)."""
+    return max(1, math.ceil(vocab / (FUSED_CE_CHUNKS * width)))
 
 
 def unwrap_peft(model):
@@ -83,7 +85,7 @@ def lm_loss_sum(hidden, head, labels, fused: bool, vocab_size: int | None = None
         bias = torch.zeros(rows, dtype=hidden.dtype, device=hidden.device).index_fill_(
             0, torch.arange(vocab_size, rows, device=hidden.device), -1e4) if padded else None
         return liger_fused_linear_cross_entropy(hidden, weight, labels, bias, reduction="sum", chunk_mem_const=
-                                                chunk_mem_const(hidden.shape[0], rows, hidden.shape[1]))
+                                                chunk_mem_const(rows, hidden.shape[1]))
     logits = head(hidden)
     if padded:
         logits = logits[:, :vocab_size]

@@ -14,7 +14,7 @@ import lightweight_big
 from conftest import SMALL_CORPUS, output_head, tiny_script_model
 from harness import budget, measure, sources
 from techniques import auto_micro_batch as micro_batch
-from techniques.fused_ce import FUSED_CE_CHUNK_ROWS, causal_lm_parts, chunk_mem_const, lm_loss_sum
+from techniques.fused_ce import FUSED_CE_CHUNKS, causal_lm_parts, chunk_mem_const, lm_loss_sum
 from techniques.sdpa import use_gpt_neo_sdpa
 
 
@@ -143,16 +143,20 @@ def test_plain_loss_is_token_mean_cross_entropy():
     torch.testing.assert_close(total, expected)
 
 
-@pytest.mark.parametrize("tokens, vocab, width", [(32 * 1023, 151_936, 896), (16 * 1023, 151_936, 1536),
-                                                   (32 * 1023, 50_272, 1024), (8 * 1023, 49_152, 960), (300, 50_257, 2048)])
-def test_fused_loss_chunks_hold_at_least_the_chosen_rows(tokens, vocab, width):
-    """liger's chunking (fused_linear_cross_entropy_forward: inc_factor = ceil(V / (chunk_mem_const x H)), chunk =
-    next power of 2 of ceil(BT / inc_factor)) at the chunk_mem_const chosen: chunks of FUSED_CE_CHUNK_ROWS tokens or
-    more, or one chunk of all of them, and no more than twice the rows (the transient logits stay bounded)."""
-    const = chunk_mem_const(tokens, vocab, width)
+def liger_chunk_rows(tokens: int, vocab: int, width: int, const: int) -> int:
+    """The rows of each chunk liger's fused loss cuts `tokens` into (fused_linear_cross_entropy_forward: inc_factor =
+    ceil(V / (chunk_mem_const x H)), chunk = the next power of 2 of ceil(BT / inc_factor), at most BT)."""
     increase = math.ceil(vocab / (const * width))
-    chunk = min(tokens, 1 << (math.ceil(tokens / increase) - 1).bit_length())
-    assert min(tokens, FUSED_CE_CHUNK_ROWS) <= chunk <= 2 * FUSED_CE_CHUNK_ROWS
+    return min(tokens, 1 << (math.ceil(tokens / increase) - 1).bit_length())
+
+
+@pytest.mark.parametrize("tokens, vocab, width", [(32 * 1023, 151_936, 896), (16 * 1023, 151_936, 1536),
+                                                   (32 * 1023, 50_272, 512), (4 * 1023, 50_304, 2048),
+                                                   (8 * 1023, 49_152, 960), (300, 50_257, 2048)])
+def test_fused_loss_takes_at_most_the_chosen_chunks_and_none_smaller_than_ligers(tokens, vocab, width):
+    rows = liger_chunk_rows(tokens, vocab, width, chunk_mem_const(vocab, width))
+    assert math.ceil(tokens / rows) <= FUSED_CE_CHUNKS
+    assert rows >= liger_chunk_rows(tokens, vocab, width, const=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="liger's fused kernel runs on CUDA only")
