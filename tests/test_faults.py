@@ -410,3 +410,18 @@ def test_a_loss_that_diverges_stops_the_run_with_one_line(tmp_path, cache_dir, c
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2 and checkpoints(out) == []  # checkpoint-2 would hold NaN weights: not saved
     assert json.loads((out / "summary.json").read_text())["error"].startswith("training diverged at step 2")
+
+
+@pytest.mark.parametrize("fp16, stops", [(False, True), (True, False)])
+def test_an_infinite_gradient_norm_is_divergence_except_under_fp16_loss_scaling(fp16, stops):
+    """Under fp16 the loss scaler's overflow logs an infinite gradient norm for a step it skips: not divergence."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from harness.training import StopWhenDiverged
+
+    stopper, control = StopWhenDiverged(), TrainerControl()
+    stopper.on_log(SimpleNamespace(fp16=fp16), SimpleNamespace(global_step=3), control,
+                   logs={"loss": 9.1, "grad_norm": float("inf")})
+    assert control.should_training_stop == stops and (stopper.diverged_at == 3) == stops
