@@ -104,8 +104,8 @@ GROUPS = {
         row("lightweight_small-epoch", "lightweight_small"),
         row("lightweight_small-cross_document-epoch", "lightweight_small", "--off", "document_mask"),
     ],
-    # a current model through each recipe, beside its plain baseline and the peers a user would run instead: the
-    # Trainer with torch_compile, or with liger's kernels (the two together failed to compile on Qwen2.5-0.5B)
+    # current models through lightweight_small, each beside the strongest peer (the Trainer with torch_compile), and
+    # Unsloth's full fine-tune
     "models_small": [
         *[row(f"{name}-{kind}", "lightweight_small", *SMALL, "--model", model, *argv)
           for name, model in CURRENT_SMALL_MODELS.items()
@@ -116,11 +116,10 @@ GROUPS = {
     ],
     # the same under 16 GiB: the peer at the largest of 32, 16 or 8 x 1024 that fits
     "models_small_16gib": [
-        *[row(f"{name}-{kind}-16gib", "lightweight_small", *SMALL, "--model", model, "--gpu-memory-gib", "16", *argv)
-          for name, model in CURRENT_SMALL_MODELS.items()
-          for kind, argv in (("lightweight_small", []),
-                             ("peer-trainer_compile", [*lightweight_small.STRONGEST_PEER, "--micro-batch", "8"]))],
-    ],
+        row(f"{name}-{kind}-16gib", "lightweight_small", *SMALL, "--model", model, "--gpu-memory-gib", "16", *argv)
+        for name, model in CURRENT_SMALL_MODELS.items()
+        for kind, argv in (("lightweight_small", []),
+                           ("peer-trainer_compile", [*lightweight_small.STRONGEST_PEER, "--micro-batch", "8"]))],
     "models_big": [
         row("qwen1.5b-lightweight_big", "lightweight_big", *BIG, "--model", BIG_MODEL),
         row("qwen1.5b-lightweight_big-8gib", "lightweight_big", *BIG, "--model", BIG_MODEL, "--gpu-memory-gib", "8"),
