@@ -9,9 +9,9 @@ import sys
 
 import torch
 
+from harness.budget import GIB
 from harness.cli import InputError
 
-GIB = 2**30
 HEADROOM = 0.9  # of the memory available: what the step may take; the rest for the page cache and other processes
 # What a step's peak adds over what its forward keeps for backward (gradients in flight, SDPA's scores on its math
 # path for masks of packed documents): the measured peaks were 1.2 to 1.7 times the kept tensors

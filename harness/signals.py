@@ -182,8 +182,9 @@ def tied_embedding_not_reported_missing(model):
 class StopOnSignal:
     """Ctrl-C or SIGTERM during training: finish the optimizer step, save a checkpoint, stop cleanly.
 
-    A second Ctrl-C exits at once. Used as a context manager around `trainer.train()`; `callback()` is the
-    TrainerCallback that turns the request into `should_save` and `should_training_stop`.
+    A second Ctrl-C exits at once. Entered before training and held by the session until the run has ended (the
+    summary and W&B written); `callback()` is the TrainerCallback that turns the request into `should_save` and
+    `should_training_stop`.
     """
 
     def __init__(self, script: str, save: bool, quiet: bool = False, launched: bool = False):
